@@ -1,0 +1,15 @@
+"""jaxattn: attention for JAX that is correct, fast and shardable.
+
+Public API (re-exports only)::
+
+    jaxattn.dot_product_attention(q, k, v, mask=jaxattn.masks.CausalMask(), ...)
+    jaxattn.explain(q, k, v, ...)          # which implementation runs, and why not the others
+    jaxattn.masks                          # structured masks with block metadata
+    jaxattn.nn.MultiHeadAttention          # Flax NNX layer
+"""
+
+from jaxattn import masks
+from jaxattn.ops.attention import dot_product_attention, explain
+
+__all__ = ["dot_product_attention", "explain", "masks"]
+__version__ = "0.1.0"

@@ -1,0 +1,399 @@
+"""Memory-efficient attention in pure JAX: online softmax over (query, key) tiles.
+
+The FlashAttention recurrence (Dao et al., 2022; Rabe & Staats, 2021) written with ``lax.scan``:
+it runs on every backend, never materialises ``[T, S]`` logits (peak memory is linear in sequence
+length), and uses the mask's block metadata to visit only non-empty tiles. Full tiles skip the
+mask entirely; partial tiles evaluate the mask rule on the tile's indices. Masks whose structure
+is only known at run time (segment ids, traced arrays) have every tile visited, and a tile with no
+visible entry is skipped at run time with ``lax.cond``.
+
+The backward pass is a ``jax.custom_vjp`` that recomputes probabilities tile by tile from the
+saved log-sum-exp (FlashAttention-2's dq / dk / dv recurrences), so no ``[T, S]`` residual is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattn import masks as masks_lib
+from jaxattn.core import softmax as sm
+
+__all__ = ["chunked_attention", "plan_tiles", "TilePlan"]
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_KV = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """Static schedule of the tiles to visit (hashable: it is a ``custom_vjp`` static argument).
+
+    ``full`` / ``partial``: tuples of ``(q_block, kv_block)`` pairs. ``dynamic``: the mask is only
+    known at run time, so partial tiles are skipped with ``lax.cond`` when fully masked.
+    """
+
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_kv: int
+    full: tuple[tuple[int, int], ...]
+    partial: tuple[tuple[int, int], ...]
+    dynamic: bool
+
+    @property
+    def num_tiles(self) -> tuple[int, int]:
+        return -(-self.q_len // self.block_q), -(-self.kv_len // self.block_kv)
+
+    @property
+    def num_visited(self) -> int:
+        return len(self.full) + len(self.partial)
+
+
+def plan_tiles(mask, q_len: int, kv_len: int, block_q: int, block_kv: int) -> TilePlan:
+    """Decide which tiles to visit for ``mask`` (a Mask or None) on a ``[q_len, kv_len]`` problem.
+
+    Block sizes larger than the lengths are clipped to the lengths.
+    """
+    block_q, block_kv = min(block_q, q_len), min(block_kv, kv_len)
+    nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+    dynamic = mask is not None and not mask.is_static
+    if mask is None or dynamic:
+        kind = np.full((nq, nk), masks_lib.FULL if mask is None else masks_lib.PARTIAL, np.int8)
+        if kv_len % block_kv:
+            kind[:, -1] = masks_lib.PARTIAL  # padded keys need the element mask
+    else:
+        kind = mask.block_info(q_len, kv_len, block_q, block_kv).union_kind()
+    full = tuple(map(tuple, np.argwhere(kind == masks_lib.FULL).tolist()))
+    partial = tuple(map(tuple, np.argwhere(kind == masks_lib.PARTIAL).tolist()))
+    return TilePlan(q_len, kv_len, block_q, block_kv, full, partial, dynamic)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    plan: TilePlan
+    scale: float
+    soft_cap: float | None
+    mask_def: Any  # treedef of the mask pytree (None when there is no mask)
+    bias_shape: tuple[int, ...] | None
+
+
+def _pad_axis(x, axis, size):
+    if x.shape[axis] == size or x.shape[axis] == 1:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _slice_axis(x, axis, start, size):
+    """Tile of ``x`` along ``axis`` (a broadcast axis of size 1 is left alone)."""
+    if x.shape[axis] == 1:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+class _Tiles:
+    """Loads tiles and evaluates logits; shared by forward and backward."""
+
+    def __init__(self, st: _Static, q, k, v, bias, mask_leaves):
+        self.st, self.q, self.k, self.v, self.bias = st, q, k, v, bias
+        self.mask = (
+            None if st.mask_def is None else jax.tree_util.tree_unflatten(st.mask_def, mask_leaves)
+        )
+        self.kv_heads = k.shape[2]
+        self.groups = q.shape[2] // self.kv_heads
+
+    def load(self, qi, kj):
+        p = self.st.plan
+        b, _, n, h = self.q.shape
+        qb = jax.lax.dynamic_slice_in_dim(self.q, qi * p.block_q, p.block_q, 1)
+        qb = qb.reshape(b, p.block_q, self.kv_heads, self.groups, h)  # [B, bq, K, G, H]
+        kb = jax.lax.dynamic_slice_in_dim(self.k, kj * p.block_kv, p.block_kv, 1)  # [B,bk,K,H]
+        vb = jax.lax.dynamic_slice_in_dim(self.v, kj * p.block_kv, p.block_kv, 1)
+        return qb, kb, vb
+
+    def bias_tile(self, qi, kj):
+        """Bias tile as ``[b, K|1, G|1, bq|1, bk|1]`` f32, or None."""
+        if self.bias is None:
+            return None
+        p = self.st.plan
+        t = _slice_axis(self.bias, 2, qi * p.block_q, p.block_q)
+        t = _slice_axis(t, 3, kj * p.block_kv, p.block_kv)
+        bb, nb = t.shape[:2]
+        if nb == 1:
+            t = t.reshape(bb, 1, 1, *t.shape[2:])
+        else:
+            t = t.reshape(bb, self.kv_heads, self.groups, *t.shape[2:])
+        return t.astype(jnp.float32)
+
+    def allowed(self, qi, kj):
+        """Element mask ``[b, K|1, G|1, bq, bk]`` for a partial tile (padded keys masked)."""
+        p = self.st.plan
+        q_idx = qi * p.block_q + jnp.arange(p.block_q)
+        k_idx = kj * p.block_kv + jnp.arange(p.block_kv)
+        ok = (k_idx < p.kv_len)[None, None, None, None, :]
+        if self.mask is not None:
+            m = self.mask.evaluate(q_idx, k_idx)  # [b, n, bq, bk]
+            bm, nm = m.shape[:2]
+            m = m.reshape(bm, 1, 1, *m.shape[2:]) if nm == 1 else m.reshape(
+                bm, self.kv_heads, self.groups, *m.shape[2:]
+            )
+            ok = ok & m
+        return ok
+
+    def logits(self, qb, kb, qi, kj):
+        """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, G, bq, bk]."""
+        x = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+        x = x * self.st.scale
+        bt = self.bias_tile(qi, kj)
+        if bt is not None:
+            x = x + bt
+        return x, sm.soft_cap(x, self.st.soft_cap)
+
+
+def _rows(x, qi, bq):
+    """Slice query rows of a ``[B, K, G, Tp, ...]`` carry."""
+    return jax.lax.dynamic_slice_in_dim(x, qi * bq, bq, 3)
+
+
+def _put_rows(x, rows, qi, bq):
+    return jax.lax.dynamic_update_slice_in_dim(x, rows, qi * bq, 3)
+
+
+def _pairs(pairs):
+    arr = np.asarray(pairs, np.int32).reshape(-1, 2)
+    return jnp.asarray(arr[:, 0]), jnp.asarray(arr[:, 1])
+
+
+def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
+    p = st.plan
+    tiles = _Tiles(st, q, k, v, bias, mask_leaves)
+    b, tp, n = q.shape[:3]
+    kh, g, hv = tiles.kv_heads, tiles.groups, v.shape[-1]
+    if sinks is None:
+        m0 = jnp.full((b, kh, g, tp), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((b, kh, g, tp), jnp.float32)
+    else:
+        s0 = sinks.astype(jnp.float32).reshape(1, kh, g, 1)
+        m0 = jnp.broadcast_to(s0, (b, kh, g, tp))
+        l0 = jnp.ones((b, kh, g, tp), jnp.float32)
+    acc0 = jnp.zeros((b, kh, g, tp, hv), jnp.float32)
+
+    def tile_update(m_r, l_r, acc_r, qi, kj, masked):
+        qb, kb, vb = tiles.load(qi, kj)
+        _, s = tiles.logits(qb, kb, qi, kj)
+        if masked:
+            s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
+        m_new = jnp.maximum(m_r, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m_r - m_safe)
+        pr = jnp.exp(s - m_safe[..., None])  # [B, K, G, bq, bk]
+        l_new = alpha * l_r + jnp.sum(pr, axis=-1)
+        pv = jnp.einsum(
+            "bkgqs,bskd->bkgqd", pr.astype(v.dtype), vb, preferred_element_type=jnp.float32
+        )
+        return m_new, l_new, alpha[..., None] * acc_r + pv
+
+    def make_body(masked):
+        def body(carry, xs):
+            m, l, acc = carry
+            qi, kj = xs
+            rows = (_rows(m, qi, p.block_q), _rows(l, qi, p.block_q), _rows(acc, qi, p.block_q))
+            if masked and p.dynamic:
+                visible = jnp.any(tiles.allowed(qi, kj))
+                rows = jax.lax.cond(
+                    visible, lambda r: tile_update(*r, qi, kj, True), lambda r: r, rows
+                )
+            else:
+                rows = tile_update(*rows, qi, kj, masked)
+            return tuple(_put_rows(c, r, qi, p.block_q) for c, r in zip(carry, rows)), None
+
+        return body
+
+    carry = (m0, l0, acc0)
+    for pairs, masked in ((p.full, False), (p.partial, True)):
+        if pairs:
+            carry, _ = jax.lax.scan(make_body(masked), carry, _pairs(pairs))
+    m, l, acc = carry
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = jnp.where(l > 0, m_safe + sm.safe_log(l), -jnp.inf)  # [B, K, G, Tp]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tp, n, hv).astype(q.dtype)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, tp, n)
+    return out, lse
+
+
+def _reduce_to(x, shape):
+    """Sum a ``[B, N, bq, bk]`` tile gradient down to a broadcast ``shape``."""
+    axes = tuple(i for i, (a, s) in enumerate(zip(x.shape, shape, strict=True)) if s == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dlse):
+    p = st.plan
+    tiles = _Tiles(st, q, k, v, bias, mask_leaves)
+    b, tp, n, h = q.shape
+    kh, g = tiles.kv_heads, tiles.groups
+    hv = v.shape[-1]
+    # D_i = rowsum(dO * O) - dlse_i  (the lse cotangent enters like a shift of D)
+    dvec = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+    dvec = dvec - dlse
+    to_kg = lambda x: jnp.transpose(x.reshape(b, tp, kh, g), (0, 2, 3, 1))  # -> [B, K, G, Tp]
+    dvec_kg, lse_kg = to_kg(dvec), to_kg(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    do_kg = jnp.transpose(dout.reshape(b, tp, kh, g, hv), (0, 2, 3, 1, 4))  # [B, K, G, Tp, Hv]
+
+    dq0 = jnp.zeros((b, kh, g, tp, h), jnp.float32)
+    dk0 = jnp.zeros(k.shape, jnp.float32)
+    dv0 = jnp.zeros(v.shape, jnp.float32)
+    db0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+
+    def tile_grads(qi, kj, masked):
+        qb, kb, vb = tiles.load(qi, kj)
+        x, s = tiles.logits(qb, kb, qi, kj)
+        if masked:
+            s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
+        pr = jnp.exp(s - _rows(lse_kg, qi, p.block_q)[..., None])  # [B, K, G, bq, bk]
+        do_r = _rows(do_kg, qi, p.block_q)  # [B, K, G, bq, Hv]
+        dv_t = jnp.einsum(
+            "bkgqs,bkgqd->bskd", pr.astype(v.dtype), do_r.astype(v.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        dp = jnp.einsum(
+            "bkgqd,bskd->bkgqs", do_r.astype(v.dtype), vb, preferred_element_type=jnp.float32
+        )
+        ds = pr * (dp - _rows(dvec_kg, qi, p.block_q)[..., None])
+        dx = ds * sm.soft_cap_grad(x, st.soft_cap)  # gradient w.r.t. scale*qk + bias
+        dq_t = st.scale * jnp.einsum(
+            "bkgqs,bskh->bkgqh", dx.astype(k.dtype), kb, preferred_element_type=jnp.float32
+        )
+        dk_t = st.scale * jnp.einsum(
+            "bkgqs,bqkgh->bskh", dx.astype(q.dtype), qb, preferred_element_type=jnp.float32
+        )
+        return dq_t, dk_t, dv_t, dx
+
+    def make_body(masked):
+        def body(carry, xs):
+            dq, dk, dv, db = carry
+            qi, kj = xs
+
+            def compute(_):
+                return tile_grads(qi, kj, masked)
+
+            if masked and p.dynamic:
+                zeros = (
+                    jnp.zeros((b, kh, g, p.block_q, h), jnp.float32),
+                    jnp.zeros((b, p.block_kv, kh, h), jnp.float32),
+                    jnp.zeros((b, p.block_kv, kh, hv), jnp.float32),
+                    jnp.zeros((b, kh, g, p.block_q, p.block_kv), jnp.float32),
+                )
+                visible = jnp.any(tiles.allowed(qi, kj))
+                dq_t, dk_t, dv_t, dx = jax.lax.cond(visible, compute, lambda _: zeros, None)
+            else:
+                dq_t, dk_t, dv_t, dx = compute(None)
+            dq = _put_rows(dq, _rows(dq, qi, p.block_q) + dq_t, qi, p.block_q)
+            k0 = kj * p.block_kv
+            dk = jax.lax.dynamic_update_slice_in_dim(
+                dk, jax.lax.dynamic_slice_in_dim(dk, k0, p.block_kv, 1) + dk_t, k0, 1
+            )
+            dv = jax.lax.dynamic_update_slice_in_dim(
+                dv, jax.lax.dynamic_slice_in_dim(dv, k0, p.block_kv, 1) + dv_t, k0, 1
+            )
+            if db is not None:
+                dxt = _reduce_to(dx.reshape(b, n, p.block_q, p.block_kv), (
+                    db.shape[0], db.shape[1],
+                    1 if db.shape[2] == 1 else p.block_q, 1 if db.shape[3] == 1 else p.block_kv,
+                ))
+                starts = (0, 0, 0 if db.shape[2] == 1 else qi * p.block_q,
+                          0 if db.shape[3] == 1 else k0)
+                cur = jax.lax.dynamic_slice(db, starts, dxt.shape)
+                db = jax.lax.dynamic_update_slice(db, cur + dxt, starts)
+            return (dq, dk, dv, db), None
+
+        return body
+
+    carry = (dq0, dk0, dv0, db0)
+    for pairs, masked in ((p.full, False), (p.partial, True)):
+        if pairs:
+            carry, _ = jax.lax.scan(make_body(masked), carry, _pairs(pairs))
+    dq, dk, dv, db = carry
+    dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(q.shape)
+    dsinks = None
+    if sinks is not None:
+        # d lse_i / d sink = p_sink,i ; d out_i / d sink = -p_sink,i * out_i
+        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)  # [B, Tp, N]
+        p_sink = p_sink * jnp.isfinite(lse)
+        dsinks = (-jnp.sum(p_sink * dvec, axis=(0, 1))).astype(sinks.dtype)
+    db = None if db is None else db.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, dsinks
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st, q, k, v, bias, sinks, mask_leaves):
+    return _forward(st, q, k, v, bias, sinks, mask_leaves)
+
+
+def _attention_fwd(st, q, k, v, bias, sinks, mask_leaves):
+    out, lse = _forward(st, q, k, v, bias, sinks, mask_leaves)
+    return (out, lse), (q, k, v, bias, sinks, mask_leaves, out, lse)
+
+
+def _attention_bwd(st, res, cts):
+    q, k, v, bias, sinks, mask_leaves, out, lse = res
+    dout, dlse = cts
+    dq, dk, dv, db, dsinks = _backward(
+        st, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dlse.astype(jnp.float32)
+    )
+    dleaves = [None] * len(mask_leaves)
+    return dq, dk, dv, db, dsinks, dleaves
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def chunked_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sinks=None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_kv: int = DEFAULT_BLOCK_KV,
+    return_lse: bool = False,
+):
+    """Online-softmax attention over tiles; memory linear in sequence length.
+
+    Shapes as :func:`jaxattn.core.dense.attention_reference`: ``query [B, T, N, H]``,
+    ``key [B, S, K, H]``, ``value [B, S, K, Hv]``, ``bias`` broadcastable to ``[B, N, T, S]``
+    (rank 4), ``mask`` a :class:`jaxattn.masks.Mask` or boolean array, ``sinks [N]``.
+    Unaligned lengths are padded to the tile grid and the padding is masked.
+
+    Returns ``[B, T, N, Hv]`` (and the f32 LSE ``[B, T, N]`` with ``return_lse``).
+    """
+    b, t, n, h = query.shape
+    s = key.shape[1]
+    scale = h**-0.5 if scale is None else float(scale)
+    mask = masks_lib.as_mask(mask)
+    plan = plan_tiles(mask, t, s, block_q, block_kv)
+    nq, nk = plan.num_tiles
+    tp, sp = nq * plan.block_q, nk * plan.block_kv
+    q = _pad_axis(query, 1, tp)
+    k = _pad_axis(key, 1, sp)
+    v = _pad_axis(value, 1, sp)
+    if bias is not None:
+        bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)
+    leaves, mask_def = jax.tree_util.tree_flatten(mask) if mask is not None else ([], None)
+    leaves = [jnp.asarray(x) for x in leaves]
+    st = _Static(plan, scale, logits_soft_cap, mask_def, None if bias is None else bias.shape)
+    out, lse = _attention(st, q, k, v, bias, sinks, leaves)
+    out, lse = out[:, :t], lse[:, :t]
+    return (out, lse) if return_lse else out
