@@ -212,7 +212,8 @@ def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
                 )
             else:
                 rows = tile_update(*rows, qi, kj, masked)
-            return tuple(_put_rows(c, r, qi, p.block_q) for c, r in zip(carry, rows)), None
+            new = tuple(_put_rows(c, r, qi, p.block_q) for c, r in zip(carry, rows, strict=True))
+            return new, None
 
         return body
 
@@ -231,7 +232,8 @@ def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
 
 def _reduce_to(x, shape):
     """Sum a ``[B, N, bq, bk]`` tile gradient down to a broadcast ``shape``."""
-    axes = tuple(i for i, (a, s) in enumerate(zip(x.shape, shape, strict=True)) if s == 1 and a != 1)
+    pairs = enumerate(zip(x.shape, shape, strict=True))
+    axes = tuple(i for i, (a, s) in pairs if s == 1 and a != 1)
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
@@ -327,7 +329,7 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
     if sinks is not None:
         # d lse_i / d sink = p_sink,i ; d out_i / d sink = -p_sink,i * out_i
         p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)  # [B, Tp, N]
-        p_sink = p_sink * jnp.isfinite(lse)
+        p_sink = jnp.where(jnp.isfinite(lse), p_sink, 0.0)
         dsinks = (-jnp.sum(p_sink * dvec, axis=(0, 1))).astype(sinks.dtype)
     db = None if db is None else db.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, dsinks

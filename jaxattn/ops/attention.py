@@ -304,7 +304,7 @@ def dot_product_attention(
     query_segment_ids: Int[Array, "B T"] | None = None,
     kv_segment_ids: Int[Array, "B S"] | None = None,
     logits_soft_cap: float | None = None,
-    sinks: Float[Array, "N"] | None = None,
+    sinks: Float[Array, " N"] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_lse: bool = False,
@@ -364,3 +364,4 @@ def explain(*args, **kwargs) -> registry.Explanation:
     kwargs.pop("implementation", None)
     call, _ = make_call(*args, **kwargs)
     return registry.explain(PRIMITIVE, call)
+from jaxattn.ops import pallas_backend  # noqa: E402,F401  (registers "pallas")

@@ -1,0 +1,250 @@
+"""Multi-head attention layer (Flax NNX): MHA / GQA / MQA with RoPE, QK-norm, sinks, soft-cap,
+structured masks, a pluggable ``attention_fn`` and KV-cache decoding.
+
+The module owns parameters and calls a pure attention function (by default
+:func:`jaxattn.dot_product_attention`); it adds no attention math of its own.
+Parameters carry logical sharding names (``embed``, ``heads``, ``kv_heads``, ``head_dim``) for
+:mod:`jaxattn.parallel` rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxattn import masks as masks_lib
+from jaxattn.nn.rope import apply_rope
+from jaxattn.ops.attention import dot_product_attention
+
+__all__ = ["MultiHeadAttention"]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+
+def _param(rngs, init, shape, dtype, names):
+    """A parameter annotated with logical axis names (``out_sharding`` metadata). It is created
+    unsharded unless the user turned on flax's eager sharding inside a mesh context."""
+    eager = nnx.using_eager_sharding() and jax.sharding.get_abstract_mesh().axis_names != ()
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=eager)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
+
+    Constructor arguments follow ``flax.nnx.MultiHeadAttention`` (``num_heads, in_features,
+    qkv_features, out_features, in_kv_features, dtype, param_dtype, dropout_rate, deterministic,
+    kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, attention_fn, decode,
+    normalize_qk, rngs``) plus:
+
+    Args:
+      num_kv_heads: key/value heads ``K`` (``num_heads % K == 0``); default ``num_heads``.
+      rope_theta: apply rotary embeddings to q and k with this base (None: no RoPE).
+      is_causal: causal self-attention (also required for decoding).
+      mask: a default :class:`jaxattn.masks.Mask` ANDed with the call's mask.
+      logits_soft_cap: soft-cap for the logits.
+      use_sinks: learn one sink logit per head (initialised to 0).
+      implementation: passed to ``attention_fn`` (e.g. ``"xla_chunked"``).
+
+    Call: ``inputs_q [B, T, in_features]`` (``inputs_k``/``inputs_v`` ``[B, S, in_kv_features]``
+    for cross-attention) -> ``[B, T, out_features]``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        kernel_init: Callable = default_kernel_init,
+        out_kernel_init: Callable | None = None,
+        bias_init: Callable = default_bias_init,
+        out_bias_init: Callable | None = None,
+        use_bias: bool = True,
+        attention_fn: Callable = dot_product_attention,
+        decode: bool | None = None,
+        normalize_qk: bool = False,
+        rope_theta: float | None = None,
+        is_causal: bool = False,
+        mask: masks_lib.Mask | None = None,
+        logits_soft_cap: float | None = None,
+        use_sinks: bool = False,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        in_kv_features = in_features if in_kv_features is None else in_kv_features
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if qkv_features % num_heads:
+            raise ValueError(
+                f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}"
+            )
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
+        head_dim = qkv_features // num_heads
+        if rope_theta is not None and head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.in_features, self.out_features = in_features, out_features
+        self.qkv_features, self.in_kv_features = qkv_features, in_kv_features
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.dropout_rate, self.deterministic = dropout_rate, deterministic
+        self.use_bias, self.attention_fn, self.decode = use_bias, attention_fn, decode
+        self.normalize_qk, self.rope_theta, self.is_causal = normalize_qk, rope_theta, is_causal
+        self.mask, self.logits_soft_cap, self.implementation = mask, logits_soft_cap, implementation
+
+        out_kernel_init = out_kernel_init or kernel_init
+        out_bias_init = out_bias_init or bias_init
+        n, k, h = num_heads, num_kv_heads, head_dim
+        self.query_kernel = _param(rngs, kernel_init, (in_features, n, h), param_dtype,
+                                   ("embed", "heads", "head_dim"))
+        self.key_kernel = _param(rngs, kernel_init, (in_kv_features, k, h), param_dtype,
+                                 ("embed", "kv_heads", "head_dim"))
+        self.value_kernel = _param(rngs, kernel_init, (in_kv_features, k, h), param_dtype,
+                                   ("embed", "kv_heads", "head_dim"))
+        self.out_kernel = _param(rngs, out_kernel_init, (n, h, out_features), param_dtype,
+                                 ("heads", "head_dim", "embed"))
+        if use_bias:
+            self.query_bias = _param(rngs, bias_init, (n, h), param_dtype, ("heads", "head_dim"))
+            self.key_bias = _param(rngs, bias_init, (k, h), param_dtype, ("kv_heads", "head_dim"))
+            self.value_bias = _param(rngs, bias_init, (k, h), param_dtype,
+                                     ("kv_heads", "head_dim"))
+            self.out_bias = _param(rngs, out_bias_init, (out_features,), param_dtype, ("embed",))
+        if normalize_qk:
+            self.query_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.key_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sinks = (
+            _param(rngs, nnx.initializers.zeros_init(), (n,), param_dtype, ("heads",))
+            if use_sinks else None
+        )
+        self.rngs = rngs.fork() if dropout_rate > 0 else None
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _cast(self, x):
+        return x if self.dtype is None else x.astype(self.dtype)
+
+    def _project(self, x, kernel, bias):
+        y = jnp.einsum("bld,dnh->blnh", self._cast(x), self._cast(kernel[...]))
+        if bias is not None:
+            y = y + self._cast(bias[...])
+        return y
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
+        """Allocate the KV cache ``[batch_size, max_length, K, H]`` for autoregressive decoding."""
+        dtype = dtype or self.dtype or self.param_dtype
+        shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+
+    # ---- forward ------------------------------------------------------------------------------
+    def __call__(
+        self,
+        inputs_q,
+        inputs_k=None,
+        inputs_v=None,
+        *,
+        mask: masks_lib.Mask | Any = None,
+        bias=None,
+        positions=None,
+        query_segment_ids=None,
+        kv_segment_ids=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
+        decode: bool | None = None,
+    ):
+        """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
+
+        ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``. ``positions
+        [B, T]`` feed RoPE (default ``arange``; in decoding, the cache index onward). ``mask``,
+        ``bias`` and segment ids are passed to ``attention_fn``.
+        """
+        if inputs_q.ndim != 3 or inputs_q.shape[-1] != self.in_features:
+            raise ValueError(
+                f"inputs_q must be [B, T, {self.in_features}], got shape {inputs_q.shape}"
+            )
+        inputs_k = inputs_q if inputs_k is None else inputs_k
+        inputs_v = inputs_k if inputs_v is None else inputs_v
+        q = self._project(inputs_q, self.query_kernel, self.query_bias if self.use_bias else None)
+        k = self._project(inputs_k, self.key_kernel, self.key_bias if self.use_bias else None)
+        v = self._project(inputs_v, self.value_kernel, self.value_bias if self.use_bias else None)
+        if self.normalize_qk:
+            q, k = self.query_ln(q), self.key_ln(k)
+
+        decode = self.decode if decode is None else decode
+        b, t = q.shape[:2]
+        offset = None
+        if decode:
+            if self.cached_key is None:
+                raise ValueError("decode=True needs init_cache(batch_size, max_length) first")
+            if not self.is_causal:
+                raise ValueError("KV-cache decoding needs is_causal=True")
+            offset = self.cache_index[...]
+        if self.rope_theta is not None:
+            if positions is None:
+                start = 0 if offset is None else offset
+                positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            q = apply_rope(q, positions, self.rope_theta)
+            kv_pos = positions if inputs_k is inputs_q else jnp.broadcast_to(
+                jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+            k = apply_rope(k, kv_pos, self.rope_theta)
+
+        base_mask = self.mask
+        call_mask = masks_lib.as_mask(mask)
+        if call_mask is not None:
+            base_mask = call_mask if base_mask is None else base_mask & call_mask
+        is_causal = self.is_causal
+        if decode:
+            cache_len = self.cached_key.shape[1]
+            k_all = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(
+                self.cached_key.dtype), (0, offset, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(self.cached_value[...], v.astype(
+                self.cached_value.dtype), (0, offset, 0, 0))
+            self.cached_key[...] = k_all
+            self.cached_value[...] = v_all
+            self.cache_index[...] = offset + t
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            # query i sits at global position offset + i; it sees cached keys j <= offset + i.
+            causal = masks_lib.CausalMask(offset=offset)
+            if base_mask is not None:
+                raise ValueError("decoding supports only the causal mask (got an extra mask)")
+            base_mask, is_causal = causal, False
+            del cache_len
+
+        kwargs: dict[str, Any] = dict(mask=base_mask, is_causal=is_causal)
+        if query_segment_ids is not None:
+            kwargs.update(query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
+        if self.logits_soft_cap is not None:
+            kwargs["logits_soft_cap"] = self.logits_soft_cap
+        if self.sinks is not None:
+            kwargs["sinks"] = self.sinks[...]
+        if self.implementation is not None:
+            kwargs["implementation"] = self.implementation
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if self.dropout_rate > 0 and not deterministic:
+            source = rngs if rngs is not None else self.rngs
+            if source is None:
+                raise ValueError("dropout needs rngs (constructor or call)")
+            kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=source.dropout())
+        out = self.attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        y = jnp.einsum("btnh,nho->bto", out, self._cast(self.out_kernel[...]))
+        if self.use_bias:
+            y = y + self._cast(self.out_bias[...])
+        return y

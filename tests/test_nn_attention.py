@@ -1,0 +1,103 @@
+"""jaxattn.nn.MultiHeadAttention: flax compatibility, GQA, RoPE, QK-norm, decoding, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_testing import F32_ATOL, max_err
+from flax import nnx
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.nn import MultiHeadAttention
+
+
+def test_matches_flax_multihead_attention():
+    """Same constructor arguments and parameters as flax.nnx.MultiHeadAttention -> same output."""
+    kw = dict(num_heads=4, in_features=16, qkv_features=32, out_features=8, decode=False)
+    ours = MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+    theirs = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(1))
+    theirs.query.kernel[...] = ours.query_kernel[...]
+    theirs.key.kernel[...] = ours.key_kernel[...]
+    theirs.value.kernel[...] = ours.value_kernel[...]
+    theirs.out.kernel[...] = ours.out_kernel[...]
+    for name in ("query", "key", "value"):
+        getattr(theirs, name).bias[...] = jax.random.normal(jax.random.key(3), (4, 8))
+        getattr(ours, f"{name}_bias")[...] = getattr(theirs, name).bias[...]
+    x = jax.random.normal(jax.random.key(2), (2, 11, 16))
+    causal = np.tril(np.ones((11, 11), bool))[None, None]
+    with jax.numpy_dtype_promotion("standard"):  # flax's own layer promotes implicitly
+        expect = theirs(x, mask=causal, deterministic=True)
+    assert max_err(ours(x, mask=M.CausalMask()), expect) < F32_ATOL
+
+
+def test_gqa_cross_attention_shapes_and_param_names():
+    m = MultiHeadAttention(8, 24, qkv_features=32, in_kv_features=12, num_kv_heads=2,
+                           rngs=nnx.Rngs(0))
+    y = m(jnp.ones((3, 5, 24)), jnp.ones((3, 7, 12)))
+    assert y.shape == (3, 5, 24)
+    assert m.key_kernel.shape == (12, 2, 4)
+    assert m.query_kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+    assert m.key_kernel.get_metadata()["out_sharding"] == ("embed", "kv_heads", "head_dim")
+
+
+@pytest.mark.parametrize("impl", [None, "xla_chunked"])
+def test_decode_step_by_step_equals_full_causal(impl):
+    m = MultiHeadAttention(4, 32, num_kv_heads=2, rope_theta=10_000.0, normalize_qk=True,
+                           is_causal=True, use_sinks=True, logits_soft_cap=20.0,
+                           implementation=impl, rngs=nnx.Rngs(0))
+    m.sinks[...] = jnp.linspace(-1.0, 1.0, 4)
+    x = jax.random.normal(jax.random.key(1), (2, 10, 32))
+    full = m(x)
+    m.init_cache(2, 16)
+    step = nnx.jit(lambda m, xt: m(xt, decode=True))
+    chunks = [step(m, x[:, :3])] + [step(m, x[:, i:i + 1]) for i in range(3, 10)]
+    assert int(m.cache_index[...]) == 10
+    assert max_err(jnp.concatenate(chunks, axis=1), full) < F32_ATOL
+
+
+def test_causal_layer_never_sees_the_future():
+    m = MultiHeadAttention(2, 8, is_causal=True, rope_theta=100.0, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (1, 9, 8))
+    x2 = x.at[:, 6:].set(0.0)
+    assert max_err(m(x)[:, :6], m(x2)[:, :6]) == 0.0
+    assert max_err(m(x)[:, 6:], m(x2)[:, 6:]) > 1e-3
+
+
+def test_injectable_attention_fn_and_training_grads():
+    seen = {}
+
+    def spy(q, k, v, bias=None, **kw):
+        seen.update(kw, shape=q.shape)
+        return jaxattn.dot_product_attention(q, k, v, bias, **kw)
+
+    m = MultiHeadAttention(4, 16, attention_fn=spy, mask=M.LocalMask((2, 0)), rngs=nnx.Rngs(0))
+    seg = jnp.array([[0, 0, 1, 1, 1, 2]])
+    y = m(jnp.ones((1, 6, 16)), query_segment_ids=seg)
+    assert seen["shape"] == (1, 6, 4, 4) and seen["mask"] == M.LocalMask((2, 0))
+    assert seen["query_segment_ids"] is seg and y.shape == (1, 6, 16)
+
+    def loss(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    g = nnx.grad(loss)(m, jnp.ones((1, 6, 16)))
+    assert all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g))
+
+
+def test_dropout_uses_rngs_and_deterministic_flag():
+    m = MultiHeadAttention(2, 8, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+    x = jax.random.normal(jax.random.key(5), (1, 6, 8))
+    assert max_err(m(x, deterministic=True), m(x, deterministic=True)) == 0.0
+    assert max_err(m(x), m(x)) > 0.0  # fresh dropout keys each call
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiHeadAttention(4, 16, num_kv_heads=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(3, 16, rngs=nnx.Rngs(0))
+    m = MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="init_cache"):
+        m(jnp.ones((1, 2, 8)), decode=True)
+    with pytest.raises(ValueError, match=r"\[B, T, 8\]"):
+        m(jnp.ones((1, 2, 9)))
