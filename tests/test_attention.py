@@ -249,17 +249,15 @@ def test_rank3_and_jit():
 def test_dispatch_and_explain_on_cpu():
     q, k, v = rand_inputs(16, t=T, s=S)
     e = jaxattn.explain(q, k, v, is_causal=True)
-    assert e.chosen == "reference"  # short sequence
+    assert e.chosen == "xla_chunked" and e.verdicts["reference"] is None
     assert "GPU" in e.verdicts["cudnn"]
     with pytest.raises(ValueError, match="cuDNN needs a GPU"):
         jaxattn.dot_product_attention(q, k, v, implementation="cudnn")
     with pytest.raises(ValueError, match="unknown implementation"):
         jaxattn.dot_product_attention(q, k, v, implementation="magic")
-    big = jax.ShapeDtypeStruct((1, 4096, 8, 64), jnp.float32)
-    qb = jnp.zeros(big.shape, big.dtype)
-    assert jaxattn.explain(qb, qb, qb, is_causal=True).chosen == "xla_chunked"
-    assert jaxattn.explain(qb, qb, qb, dropout_rate=0.1,
+    assert jaxattn.explain(q, k, v, dropout_rate=0.1,
                            dropout_rng=jax.random.key(0)).chosen == "reference"
+    assert "explain" not in str(jaxattn.explain(q, k, v))  # prints a readable table
 
 
 # ---- bad inputs --------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_gqa_cross_attention_shapes_and_param_names():
     assert m.key_kernel.get_metadata()["out_sharding"] == ("embed", "kv_heads", "head_dim")
 
 
-@pytest.mark.parametrize("impl", [None, "xla_chunked"])
+@pytest.mark.parametrize("impl", ["reference", "xla_chunked"])
 def test_decode_step_by_step_equals_full_causal(impl):
     m = MultiHeadAttention(4, 32, num_kv_heads=2, rope_theta=10_000.0, normalize_qk=True,
                            is_causal=True, use_sinks=True, logits_soft_cap=20.0,
