@@ -26,7 +26,8 @@ from jaxattn.core import softmax as sm
 
 __all__ = ["chunked_attention", "plan_tiles", "TilePlan"]
 
-DEFAULT_BLOCK_Q = 512
+# Tuned on CPU at L=4096 (benchmarks/attention_cpu.py): 256 x 512 tiles beat 512 x 512 and larger.
+DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_KV = 512
 
 
