@@ -1,0 +1,150 @@
+"""Registers ``implementation="pallas"``: the block-sparse Pallas flash-attention kernels.
+
+The adapter turns an :class:`~jaxattn.ops.attention.AttentionCall` into kernel arguments: the
+structured mask becomes block metadata on the host (``Mask.block_info`` -> visit lists, cached per
+mask and shape), segment ids stay arrays (evaluated per tile inside the kernel, so packed
+documents need no ``[T, S]`` mask), GQA, soft-cap, sinks and unaligned lengths go straight to the
+kernel. Additive bias and dropout are refused with a reason.
+
+Platforms: on CPU the kernel runs in the Pallas interpreter (slow; for tests and debugging), and
+``implementation=None`` never picks it there. The GPU (Triton lowering) and TPU (Mosaic) paths
+lower (checked from CPU) but have never run on a device, so automatic selection does not pick
+them either until ``HARDWARE_VALIDATED`` is set after the tests pass on the device;
+``implementation="pallas"`` opts in.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxattn import masks as masks_lib
+from jaxattn.ops import registry
+from jaxattn.ops.attention import PRIMITIVE, AttentionCall
+from pallas_kernels import flash
+
+__all__ = ["run", "supports", "prefer", "flash_config_for", "meta_for", "HARDWARE_VALIDATED"]
+
+# Flip to True once the GPU / TPU lowerings have passed the test suite on the device.
+HARDWARE_VALIDATED = False
+
+# The kernel's block classes use the same codes as jaxattn.masks.
+assert (flash.EMPTY, flash.PARTIAL, flash.FULL) == (
+    masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL)
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_HW_HEAD_DIMS = (64, 128, 256)
+DEFAULT_BLOCK = 128
+
+
+def _block(length: int, cap: int = DEFAULT_BLOCK) -> int:
+    """Tile size for ``length``: ``cap``, or the next power of two (>= 16) for short inputs."""
+    return int(min(cap, max(16, 1 << max(0, (length - 1).bit_length()))))
+
+
+def flash_config_for(call: AttentionCall, block_q: int | None = None,
+                     block_kv: int | None = None) -> flash.FlashConfig:
+    """The kernel config used for ``call`` (block sizes default to :func:`_block`)."""
+    d = call.shape
+    return flash.FlashConfig(
+        block_q=block_q or _block(d["T"]), block_kv=block_kv or _block(d["S"]),
+        scale=float(call.scale), logits_soft_cap=call.logits_soft_cap,
+        backend=flash.default_backend(call.platform),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_cached(mask, q_len: int, kv_len: int, bq: int, bk: int) -> flash.BlockSparseMeta:
+    if mask is None:
+        return flash.dense_meta(q_len, kv_len, bq, bk)
+    info = mask.block_info(q_len, kv_len, bq, bk)
+    return flash.block_sparse_meta(info.kind, info.partial_index, info.partial_blocks)
+
+
+def meta_for(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_q: int,
+             block_kv: int) -> flash.BlockSparseMeta:
+    """Kernel visit lists for a static mask (``None`` = no mask) on a ``block_q x block_kv``
+    grid. Padded key columns are masked through the partial tiles."""
+    return _meta_cached(None if mask is None else mask.static(), int(q_len), int(kv_len),
+                        int(block_q), int(block_kv))
+
+
+def supports(call: AttentionCall) -> str | None:
+    """``None`` if the Pallas kernel can run ``call``, else the reason it cannot."""
+    if call.bias is not None:
+        return "the Pallas kernel has no additive bias (use a Mask, or xla_chunked)"
+    if call.dropout_rate > 0:
+        return "the Pallas kernel has no attention dropout"
+    if isinstance(call.scale, jax.core.Tracer):
+        return "scale must be a Python number (it is a static kernel parameter)"
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} is not one of float32, bfloat16, float16"
+    if call.mask is not None and not call.mask.is_static:
+        return ("the mask holds traced arrays, so its block structure is unknown at trace time; "
+                "pass packed documents as query/kv segment ids (the kernel reads them as arrays)")
+    if call.platform not in ("cpu", "gpu", "tpu"):
+        return f"no Pallas lowering for platform {call.platform!r}"
+    d = call.shape
+    if call.platform != "cpu" and (d["H"] not in _HW_HEAD_DIMS or d["Hv"] not in _HW_HEAD_DIMS):
+        return (f"on {call.platform} the kernel needs head dims in {_HW_HEAD_DIMS}, "
+                f"got H={d['H']}, Hv={d['Hv']}")
+    if call.platform == "tpu":
+        return _tpu_limits(call)
+    return None
+
+
+# The TPU variant keeps the visit lists in SMEM and one (batch, kv head)'s K and V whole in VMEM
+# (double-buffered); refuse calls that cannot fit rather than fail in the compiler.
+_TPU_SMEM_BYTES = 512 << 10
+_TPU_VMEM_BYTES = 32 << 20
+
+
+def _tpu_limits(call: AttentionCall) -> str | None:
+    d = call.shape
+    cfg = flash_config_for(call)
+    nq, nk = -(-d["T"] // cfg.block_q), -(-d["S"] // cfg.block_kv)
+    mask = call.mask
+    rows = (mask.batch_size or 1) * (mask.num_heads or 1) if mask is not None else 1
+    smem = 4 * rows * max(nq * (2 + 3 * nk), nk * (2 + 3 * nq))
+    if smem > _TPU_SMEM_BYTES:
+        return (f"TPU: block metadata needs {smem >> 10} KiB of SMEM (> {_TPU_SMEM_BYTES >> 10}"
+                " KiB); shorter sequences or a batch/head-independent mask are needed")
+    kv = 2 * cfg.block_kv * nk * (d["H"] + d["Hv"]) * call.value.dtype.itemsize
+    if kv > _TPU_VMEM_BYTES:
+        return (f"TPU: this kernel keeps K and V of one kv head in VMEM ({kv >> 20} MiB > "
+                f"{_TPU_VMEM_BYTES >> 20} MiB); S={d['S']} is too long for it")
+    return None
+
+
+def prefer(call: AttentionCall) -> str | None:
+    """Automatic selection: never on CPU (interpreter), and not on GPU/TPU until validated."""
+    if call.platform == "cpu":
+        return "on CPU the Pallas kernel runs in the (slow) interpreter; for tests and debugging"
+    if not HARDWARE_VALIDATED:
+        return (f"the {call.platform} lowering has not been validated on a device yet; pass "
+                "implementation='pallas' to opt in")
+    return None
+
+
+def run(call: AttentionCall, block_q: int | None = None, block_kv: int | None = None):
+    """Run ``call`` with the Pallas kernel; returns ``(out [B, T, N, Hv], lse [B, T, N])``."""
+    why = supports(call)
+    if why is not None:
+        raise ValueError(f"pallas cannot run this call: {why}")
+    cfg = flash_config_for(call, block_q, block_kv)
+    d = call.shape
+    meta = meta_for(call.mask, d["T"], d["S"], cfg.block_q, cfg.block_kv)
+    seg_q, seg_kv = call.q_segment_ids, call.kv_segment_ids
+    if seg_q is not None:
+        seg_q, seg_kv = seg_q.astype(jnp.int32), seg_kv.astype(jnp.int32)
+    out, lse, _ = flash.flash_attention(
+        call.query, call.key, call.value, meta, config=cfg, q_segment_ids=seg_q,
+        kv_segment_ids=seg_kv, sinks=call.sinks,
+    )
+    return out, lse
+
+
+registry.register(PRIMITIVE, registry.Backend(
+    "pallas", run, supports=supports, prefer=prefer, priority=20))

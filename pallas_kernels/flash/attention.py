@@ -1,0 +1,333 @@
+"""Block-sparse flash attention: padding, ``pallas_call`` wiring and ``jax.custom_vjp``.
+
+FlashAttention-2 (Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning", 2023) driven by Splash-style block metadata (empty tiles skipped, full tiles
+unmasked, partial tiles masked elementwise). The public layout is ``[batch, seq, heads,
+head_dim]``; the kernels see ``[batch, heads, seq, head_dim]`` (transposed and padded here, so a
+tile is the two minor dimensions on every lowering). GQA reads kv head ``n // (N // K)``
+directly (K/V are never repeated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash import kernels, lowering
+from pallas_kernels.flash.config import FlashConfig
+from pallas_kernels.flash.metadata import BlockSparseMeta
+
+__all__ = ["flash_attention"]
+
+SQ = pl.squeezed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    cfg: FlashConfig
+    q_len: int
+    kv_len: int
+    meta_batch: int  # 1 or B
+    meta_heads: int  # 1 or N
+    has_seg: bool
+    has_sink: bool
+
+    @property
+    def tpu(self) -> bool:
+        return self.cfg.backend in ("mosaic_tpu", "tpu_interpret")
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _whole(st: _Static, x):
+    """Spec for an array every program reads whole (metadata, sinks): SMEM on TPU."""
+    if st.tpu:
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _meta_layout(st: _Static, meta, rows: int):
+    return (st.meta_batch > 1, st.meta_heads, rows, meta.shape[-1])
+
+
+def _seg_skip(st: _Static) -> bool:
+    # The run-time "disjoint segment ranges" tile skip (a vector -> scalar reduction feeding
+    # lax.cond) lowers for Triton and Mosaic TPU (checked from CPU) and runs in both interpreters.
+    del st
+    return True
+
+
+# Internal layout is [batch, heads, seq, head_dim] (q: [B, N, Tp, H], k/v: [B, K, Sp, H]):
+# tiles are then the two minor dimensions, which every lowering accepts (Mosaic TPU requires
+# it). Segment ids are [B, Tp, 1] (query) and [B, 1, Sp] (key); lse/delta are [B, N, Tp, 1].
+
+
+def _forward(st: _Static, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
+    """Padded BNTH inputs -> out [B, N, Tp, Hv], lse [B, N, Tp, 1] f32, visits or None."""
+    cfg = st.cfg
+    b, n, tp, h = q.shape
+    _, kh, sp, hv = v.shape
+    g = n // kh
+    bq = cfg.block_q
+    nq = tp // bq
+    flat = meta_fwd.reshape(-1)
+    names = ["meta", "q", "k", "v"]
+    in_specs = [
+        _whole(st, flat),
+        pl.BlockSpec((SQ, SQ, bq, h), lambda ib, ih, i: (ib, ih, i, 0)),
+        pl.BlockSpec((SQ, SQ, sp, h), lambda ib, ih, i: (ib, lax.div(ih, g), 0, 0)),
+        pl.BlockSpec((SQ, SQ, sp, hv), lambda ib, ih, i: (ib, lax.div(ih, g), 0, 0)),
+    ]
+    args = [flat, q, k, v]
+    if st.has_seg:
+        names += ["seg_q", "seg_kv"]
+        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda ib, ih, i: (ib, i, 0)),
+                     pl.BlockSpec((SQ, 1, sp), lambda ib, ih, i: (ib, 0, 0))]
+        args += [seg_q, seg_kv]
+    if st.has_sink:
+        names.append("sinks")
+        in_specs.append(_whole(st, sinks))
+        args.append(sinks.astype(jnp.float32))
+    names += ["blocks", "out", "lse"]
+    in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, i: (0, 0, 0)))
+    args.append(blocks)
+    out_specs = [pl.BlockSpec((SQ, SQ, bq, hv), lambda ib, ih, i: (ib, ih, i, 0)),
+                 pl.BlockSpec((SQ, SQ, bq, 1), lambda ib, ih, i: (ib, ih, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, n, tp, hv), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)]
+    if cfg.count_visits:
+        names.append("visits")
+        out_specs.append(pl.BlockSpec((SQ, SQ, SQ, 1, 1), lambda ib, ih, i: (ib, ih, i, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, nq, 1, 1), jnp.int32))
+    kernel = functools.partial(
+        kernels.fwd_kernel, cfg=cfg, names=tuple(names),
+        meta_layout=_meta_layout(st, meta_fwd, nq), kv_slots=(meta_fwd.shape[-1] - 2) // 3,
+        seg_skip=_seg_skip(st))
+    outs = lowering.call(kernel, cfg=cfg, grid=(b, n, nq), in_specs=in_specs,
+                         out_specs=out_specs, out_shape=out_shape, name="flash_fwd")(*args)
+    visits = outs[2][..., 0, 0] if cfg.count_visits else None
+    return outs[0], outs[1], visits
+
+
+def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks):
+    cfg = st.cfg
+    b, n, tp, h = q.shape
+    _, kh, sp, hv = v.shape
+    g = n // kh
+    bq = cfg.block_q
+    flat = meta_fwd.reshape(-1)
+    names = ["meta", "q", "k", "v", "do", "lse", "delta"]
+    row = pl.BlockSpec((SQ, SQ, bq, 1), lambda ib, ih, i: (ib, ih, i, 0))
+    in_specs = [
+        _whole(st, flat),
+        pl.BlockSpec((SQ, SQ, bq, h), lambda ib, ih, i: (ib, ih, i, 0)),
+        pl.BlockSpec((SQ, SQ, sp, h), lambda ib, ih, i: (ib, lax.div(ih, g), 0, 0)),
+        pl.BlockSpec((SQ, SQ, sp, hv), lambda ib, ih, i: (ib, lax.div(ih, g), 0, 0)),
+        pl.BlockSpec((SQ, SQ, bq, hv), lambda ib, ih, i: (ib, ih, i, 0)),
+        row,
+        row,
+    ]
+    args = [flat, q, k, v, do, lse, delta]
+    if st.has_seg:
+        names += ["seg_q", "seg_kv"]
+        in_specs += [pl.BlockSpec((SQ, bq, 1), lambda ib, ih, i: (ib, i, 0)),
+                     pl.BlockSpec((SQ, 1, sp), lambda ib, ih, i: (ib, 0, 0))]
+        args += [seg_q, seg_kv]
+    names += ["blocks", "dq"]
+    in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, i: (0, 0, 0)))
+    args.append(blocks)
+    nq = tp // bq
+    kernel = functools.partial(
+        kernels.dq_kernel, cfg=cfg, names=tuple(names),
+        meta_layout=_meta_layout(st, meta_fwd, nq), kv_slots=(meta_fwd.shape[-1] - 2) // 3,
+        seg_skip=_seg_skip(st))
+    return lowering.call(
+        kernel, cfg=cfg, grid=(b, n, nq), in_specs=in_specs,
+        out_specs=pl.BlockSpec((SQ, SQ, bq, h), lambda ib, ih, i: (ib, ih, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, n, tp, h), jnp.float32), name="flash_dq",
+    )(*args)
+
+
+def _dkv(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_bwd, blocks):
+    cfg = st.cfg
+    b, n, tp, h = q.shape
+    _, kh, sp, hv = v.shape
+    g = n // kh
+    bk = cfg.block_kv
+    nk = sp // bk
+    flat = meta_bwd.reshape(-1)
+    names = ["meta", "q", "k", "v", "do", "lse", "delta"]
+    group = lambda ib, ih, j: (ib, ih, 0, 0)  # noqa: E731  (the G query heads of kv head ih)
+    in_specs = [
+        _whole(st, flat),
+        pl.BlockSpec((SQ, g, tp, h), group),
+        pl.BlockSpec((SQ, SQ, bk, h), lambda ib, ih, j: (ib, ih, j, 0)),
+        pl.BlockSpec((SQ, SQ, bk, hv), lambda ib, ih, j: (ib, ih, j, 0)),
+        pl.BlockSpec((SQ, g, tp, hv), group),
+        pl.BlockSpec((SQ, g, tp, 1), group),
+        pl.BlockSpec((SQ, g, tp, 1), group),
+    ]
+    args = [flat, q, k, v, do, lse, delta]
+    if st.has_seg:
+        names += ["seg_q", "seg_kv"]
+        in_specs += [pl.BlockSpec((SQ, tp, 1), lambda ib, ih, j: (ib, 0, 0)),
+                     pl.BlockSpec((SQ, 1, bk), lambda ib, ih, j: (ib, 0, j))]
+        args += [seg_q, seg_kv]
+    names += ["blocks", "dk", "dv"]
+    in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, j: (0, 0, 0)))
+    args.append(blocks)
+    kernel = functools.partial(
+        kernels.dkv_kernel, cfg=cfg, names=tuple(names),
+        meta_layout=_meta_layout(st, meta_bwd, nk), q_slots=(meta_bwd.shape[-1] - 2) // 3,
+        groups=g, seg_skip=_seg_skip(st))
+    return lowering.call(
+        kernel, cfg=cfg, grid=(b, kh, nk), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((SQ, SQ, bk, h), lambda ib, ih, j: (ib, ih, j, 0)),
+                   pl.BlockSpec((SQ, SQ, bk, hv), lambda ib, ih, j: (ib, ih, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, sp, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, sp, hv), jnp.float32)],
+        name="flash_dkv",
+    )(*args)
+
+
+def _bnth(x, length: int):
+    """[B, L, heads, D] -> padded [B, heads, length, D]."""
+    return _pad_axis(jnp.transpose(x, (0, 2, 1, 3)), 2, length)
+
+
+def _from_bnth(x, length: int):
+    """[B, heads, Lp, D] -> [B, length, heads, D]."""
+    return jnp.transpose(x[:, :, :length], (0, 2, 1, 3))
+
+
+def _pad_inputs(st: _Static, q, k, v, seg_q, seg_kv):
+    cfg = st.cfg
+    tp, sp = _round_up(st.q_len, cfg.block_q), _round_up(st.kv_len, cfg.block_kv)
+    q, k, v = _bnth(q, tp), _bnth(k, sp), _bnth(v, sp)
+    if st.has_seg:
+        # Edge padding keeps each tile's id range tight (the run-time skip test stays sharp);
+        # padded keys are masked by the partial-tile masks, padded query rows are discarded.
+        seg_q = _pad_axis(seg_q.astype(jnp.int32), 1, tp, "edge")[:, :, None]  # [B, Tp, 1]
+        seg_kv = _pad_axis(seg_kv.astype(jnp.int32), 1, sp, "edge")[:, None, :]  # [B, 1, Sp]
+    return q, k, v, seg_q, seg_kv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks):
+    out, lse, visits, _ = _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks)
+    return out, lse, visits
+
+
+def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
+    qp, kp, vp, sqp, skp = _pad_inputs(st, q, k, v, seg_q, seg_kv)
+    out, lse, visits = _forward(st, qp, kp, vp, sinks, sqp, skp, meta_fwd, blocks)
+    out = _from_bnth(out, st.q_len)
+    lse = jnp.transpose(lse[:, :, : st.q_len, 0], (0, 2, 1))  # [B, T, N]
+    return out, lse, visits, (qp, kp, vp, sqp, skp)
+
+
+def _flash_fwd(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks):
+    out, lse, visits, padded = _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd,
+                                               blocks)
+    res = (padded, sinks, meta_fwd, meta_bwd, blocks, out, lse)
+    return (out, lse, visits), res
+
+
+def _flash_bwd(st, res, cts):
+    (qp, kp, vp, sqp, skp), sinks, meta_fwd, meta_bwd, blocks, out, lse = res
+    d_out, d_lse = cts[0], cts[1]
+    tp = qp.shape[2]
+    # delta_t = sum_j p_tj dp_tj = dO_t . O_t; a cotangent on the LSE adds p * d_lse to dlogits,
+    # which is the same as subtracting it from delta (d lse / d logit_j = p_j).
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
+    delta = delta - d_lse.astype(jnp.float32)
+    # Rows with no visible key have lse = -inf; +inf makes their recomputed p exactly 0.
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    lse_p = _pad_axis(jnp.transpose(lse_safe, (0, 2, 1)), 2, tp)[..., None]  # [B, N, Tp, 1]
+    delta_p = _pad_axis(jnp.transpose(delta, (0, 2, 1)), 2, tp)[..., None]
+    dop = _bnth(d_out.astype(qp.dtype), tp)
+    dq = _dq(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_fwd, blocks)
+    dk, dv = _dkv(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_bwd, blocks)
+    dq = _from_bnth(dq, st.q_len).astype(qp.dtype)
+    dk = _from_bnth(dk, st.kv_len).astype(kp.dtype)
+    dv = _from_bnth(dv, st.kv_len).astype(vp.dtype)
+    d_sinks = None
+    if sinks is not None:
+        # d sink = -p_sink * delta (the sink's logit has no value vector, so dp_sink = 0).
+        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)  # [B, T, N]
+        d_sinks = (-jnp.sum(p_sink * delta, axis=(0, 1))).astype(sinks.dtype)
+    return dq, dk, dv, d_sinks, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
+                    q_segment_ids=None, kv_segment_ids=None, sinks=None):
+    """Block-sparse flash attention (FlashAttention-2, Dao 2023): Pallas forward kernel and
+    Pallas dq / dk-dv backward kernels tied by ``jax.custom_vjp``.
+
+    Args:
+      q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Hv]`` with ``N % K == 0`` (GQA:
+        head ``n`` reads kv head ``n // (N // K)``). One floating dtype for all three.
+      meta: :class:`BlockSparseMeta` on the ``(config.block_q, config.block_kv)`` grid of the
+        unpadded ``[T, S]`` problem; its batch/head dims are 1 or ``B`` / ``N``.
+      config: static :class:`FlashConfig` (tiles, scale, soft-cap, lowering).
+      q_segment_ids, kv_segment_ids: optional int ``[B, T]`` / ``[B, S]`` document ids (may be
+        traced); a query sees only keys with an equal id.
+      sinks: optional ``[N]`` attention-sink logits (one extra logit per head with no value).
+
+    Returns:
+      ``(out [B, T, N, Hv] in q.dtype, lse [B, T, N] f32, visits)``; ``visits`` is int32
+      ``[B, N, num_q_blocks]`` (kv tiles each query tile computed) when
+      ``config.count_visits``, else ``None``. Rows with no visible key give 0 and ``lse=-inf``.
+      Differentiable in q, k, v, sinks (and through ``lse``).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be rank 4, got {q.shape}, {k.shape}, {v.shape}")
+    b, t, n, h = q.shape
+    _, s, kh, _ = k.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[3] != h or n % kh:
+        raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    nq, nk = -(-t // config.block_q), -(-s // config.block_kv)
+    if (meta.block_q, meta.block_kv) != (config.block_q, config.block_kv) or meta.grid != (nq, nk):
+        raise ValueError(
+            f"metadata is for tiles {(meta.block_q, meta.block_kv)} on grid {meta.grid}, but "
+            f"config has tiles {(config.block_q, config.block_kv)} and T={t}, S={s} need grid "
+            f"{(nq, nk)}")
+    mb, mn = meta.kind.shape[:2]
+    if mb not in (1, b) or mn not in (1, n):
+        raise ValueError(f"metadata batch/head dims {(mb, mn)} must be 1 or {(b, n)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None and (q_segment_ids.shape != (b, t)
+                                      or kv_segment_ids.shape != (b, s)):
+        raise ValueError(f"segment ids must be [B, T]={b, t} and [B, S]={b, s}, got "
+                         f"{q_segment_ids.shape}, {kv_segment_ids.shape}")
+    if sinks is not None and sinks.shape != (n,):
+        raise ValueError(f"sinks must have shape [N]=({n},), got {sinks.shape}")
+    st = _Static(config, t, s, mb, mn, q_segment_ids is not None, sinks is not None)
+    return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids,
+                  jnp.asarray(meta.fwd), jnp.asarray(meta.bwd), jnp.asarray(meta.blocks))
+
+

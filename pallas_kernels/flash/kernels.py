@@ -1,0 +1,259 @@
+"""Kernel bodies of block-sparse flash attention (forward, dq, dk/dv).
+
+FlashAttention-2 (Dao, 2023) recurrences with Splash/FlexAttention-style block sparsity: each
+program owns one query tile (forward, dq) or one kv tile (dk/dv) and loops over the visit lists
+of :mod:`pallas_kernels.flash.metadata` -- first the partial tiles, which apply their element mask,
+then the full tiles, which apply none. Online softmax statistics are f32. Segment ids (packed
+documents) are compared per tile from the id arrays; a tile whose query and key id ranges are
+disjoint is skipped at run time without loading K/V.
+
+Ref shapes below are per program (squeezed batch/head dimensions removed). Per-row statistics
+are kept as ``[bq, 1]`` columns and key segment ids as ``[1, bk]`` rows (2-D values lower on every
+backend, including Mosaic TPU). The metadata and sinks refs hold whole arrays (SMEM on TPU) and
+are indexed with the program ids.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["fwd_kernel", "dq_kernel", "dkv_kernel", "NEG_INIT"]
+
+# Start of the running max: finite, so that exp(m_old - m_new) is never exp(-inf + inf) = NaN,
+# and far below any real logit, so masked logits (-inf) still get probability exactly 0.
+NEG_INIT = -1e30
+
+
+def _dot_nt(a, b):
+    """a [m, d], b [n, d] -> f32 [m, n]."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+    """a [m, k], b [k, n] -> f32 [m, n]."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """a [k, m], b [k, n] -> f32 [m, n]."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _logits(q, k, cfg):
+    """Scaled, soft-capped logits f32 [bq, bk] and tanh(logits / cap) (None without a cap)."""
+    s = _dot_nt(q, k) * cfg.scale
+    if cfg.logits_soft_cap is None:
+        return s, None
+    t = jnp.tanh(s / cfg.logits_soft_cap)
+    return cfg.logits_soft_cap * t, t
+
+
+def _allowed(elem, seg_q, seg_kv):
+    """Combine an element mask (int8 tile or None) with segment ids ([bq, 1], [1, bk] or None)."""
+    allowed = None if elem is None else elem != 0
+    if seg_q is not None:
+        same = seg_q == seg_kv
+        allowed = same if allowed is None else allowed & same
+    return allowed
+
+
+def _ranges_overlap(a, b):
+    """Whether two id vectors can share a value (conservative: compares [min, max] ranges)."""
+    return (jnp.min(a) <= jnp.max(b)) & (jnp.min(b) <= jnp.max(a))
+
+
+def _meta_reader(meta_ref, ml, b, n, row):
+    """``slot -> int`` reader of visit-list row ``row`` for batch ``b`` and query head ``n``.
+
+    ``meta_ref`` is the whole flattened ``[mb * mn * rows * width]`` list array; ``ml`` is
+    ``(batch_dependent, num_heads_or_1, rows, width)``.
+    """
+    batch_dep, mn, rows, width = ml
+    mb_i = b if batch_dep else 0
+    mn_i = n if mn > 1 else 0
+    base = ((mb_i * mn + mn_i) * rows + row) * width
+    return lambda slot: meta_ref[base + slot]
+
+
+def _visit(meta, slots, tile_fn, carry, *, skip_fn=None):
+    """Run ``tile_fn(block, elem_mask_index_or_None, carry)`` over a visit-list row.
+
+    ``meta(i)`` reads slot ``i`` of the row ``[n_partial, n_full, partial (slots), mask index
+    (slots), full (slots)]``. ``skip_fn(block)`` (optional) is a traced bool: skip the tile.
+    """
+
+    def run(block, pidx, c):
+        if skip_fn is None:
+            return tile_fn(block, pidx, c)
+        return lax.cond(skip_fn(block), lambda c: c, lambda c: tile_fn(block, pidx, c), c)
+
+    def partial_body(t, c):
+        return run(meta(2 + t), meta(2 + slots + t), c)
+
+    def full_body(t, c):
+        return run(meta(2 + 2 * slots + t), None, c)
+
+    carry = lax.fori_loop(0, meta(0), partial_body, carry)
+    return lax.fori_loop(0, meta(1), full_body, carry)
+
+
+def _unpack(refs, names):
+    """Split ``refs`` by the static list ``names`` (absent optional inputs are not in it)."""
+    return dict(zip(names, refs, strict=True))
+
+
+def fwd_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
+    """Forward program for one (batch, head, query tile); grid ``(B, N, nq)``.
+
+    Refs (by name): meta (whole), q [bq, H], k [Sp, H], v [Sp, Hv], optional seg_q [bq, 1],
+    seg_kv [1, Sp], sinks (whole [N]); blocks [P, bq, bk] -> out [bq, Hv], lse [bq, 1],
+    optional visits [1, 1].
+    """
+    r = _unpack(refs, names)
+    b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq, bk = cfg.block_q, cfg.block_kv
+    has_seg = "seg_q" in r
+    q = r["q"][...]
+    seg_q = r["seg_q"][...] if has_seg else None
+    if "sinks" in r:
+        sink = r["sinks"][n].astype(jnp.float32)
+        m0 = jnp.full((bq, 1), sink, jnp.float32)  # the sink is one extra logit with no value
+        den0 = jnp.ones((bq, 1), jnp.float32)
+    else:
+        m0 = jnp.full((bq, 1), NEG_INIT, jnp.float32)
+        den0 = jnp.zeros((bq, 1), jnp.float32)
+    acc0 = jnp.zeros((bq, r["v"].shape[-1]), jnp.float32)
+
+    def seg_kv_at(start):
+        return r["seg_kv"][:, pl.ds(start, bk)]
+
+    def tile(j, pidx, carry):
+        m, den, acc, visits = carry
+        start = pl.multiple_of(j * bk, bk)
+        k = r["k"][pl.ds(start, bk), :]
+        v = r["v"][pl.ds(start, bk), :]
+        s, _ = _logits(q, k, cfg)  # [bq, bk]
+        elem = None if pidx is None else r["blocks"][pidx]
+        allowed = _allowed(elem, seg_q, seg_kv_at(start) if has_seg else None)
+        if allowed is not None:
+            s = jnp.where(allowed, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        alpha = jnp.exp(m - m_new)
+        den = alpha * den + jnp.sum(p, axis=-1, keepdims=True)
+        acc = alpha * acc + _dot_nn(p.astype(v.dtype), v)
+        return m_new, den, acc, visits + 1
+
+    skip = None
+    if has_seg and seg_skip:
+        def skip(j):
+            return ~_ranges_overlap(seg_q, seg_kv_at(pl.multiple_of(j * bk, bk)))
+
+    meta = _meta_reader(r["meta"], meta_layout, b, n, i)
+    m, den, acc, visits = _visit(meta, kv_slots, tile, (m0, den0, acc0, jnp.int32(0)),
+                                 skip_fn=skip)
+    ok = den > 0
+    den_safe = jnp.where(ok, den, 1.0)
+    r["out"][...] = (acc / den_safe).astype(r["out"].dtype)
+    r["lse"][...] = jnp.where(ok, m + jnp.log(den_safe), -jnp.inf)
+    if "visits" in r:
+        r["visits"][...] = jnp.full((1, 1), visits, jnp.int32)
+
+
+def _grad_tile(q, k, v, do, lse, delta, allowed, cfg):
+    """Recompute probabilities of one tile and return (p [bq, bk], ds [bq, bk]) in f32.
+
+    ``ds = dL/dlogits`` before scaling: ``p * (dp - delta)`` times the soft-cap derivative.
+    ``lse``, ``delta`` are ``[bq, 1]``; ``lse`` is +inf on rows with no visible key, which makes
+    their ``p`` exactly 0.
+    """
+    s, t = _logits(q, k, cfg)
+    p = jnp.exp(s - lse)
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    dp = _dot_nt(do, v)
+    ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+def dq_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
+    """dq program for one (batch, head, query tile); grid ``(B, N, nq)``.
+
+    Refs: meta (whole), q [bq, H], k [Sp, H], v [Sp, Hv], do [bq, Hv], lse [bq, 1],
+    delta [bq, 1], optional seg_q [bq, 1], seg_kv [1, Sp]; blocks [P, bq, bk] -> dq [bq, H] f32.
+    """
+    r = _unpack(refs, names)
+    b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bk = cfg.block_kv
+    has_seg = "seg_q" in r
+    q, do, lse, delta = r["q"][...], r["do"][...], r["lse"][...], r["delta"][...]
+    seg_q = r["seg_q"][...] if has_seg else None
+
+    def tile(j, pidx, dq):
+        start = pl.multiple_of(j * bk, bk)
+        k = r["k"][pl.ds(start, bk), :]
+        v = r["v"][pl.ds(start, bk), :]
+        elem = None if pidx is None else r["blocks"][pidx]
+        seg_kv = r["seg_kv"][:, pl.ds(start, bk)] if has_seg else None
+        _, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg)
+        return dq + _dot_nn(ds.astype(k.dtype), k)
+
+    skip = None
+    if has_seg and seg_skip:
+        def skip(j):
+            start = pl.multiple_of(j * bk, bk)
+            return ~_ranges_overlap(seg_q, r["seg_kv"][:, pl.ds(start, bk)])
+
+    meta = _meta_reader(r["meta"], meta_layout, b, n, i)
+    dq = _visit(meta, kv_slots, tile, jnp.zeros(q.shape, jnp.float32), skip_fn=skip)
+    r["dq"][...] = (dq * cfg.scale).astype(r["dq"].dtype)
+
+
+def dkv_kernel(*refs, cfg, names, meta_layout, q_slots, groups, seg_skip):
+    """dk/dv program for one (batch, kv head, kv tile); grid ``(B, K, nk)``. Loops over the
+    ``groups`` query heads sharing this kv head (GQA), each with its own visit list when the
+    mask is per head.
+
+    Refs: meta (whole), q [G, Tp, H], k [bk, H], v [bk, Hv], do [G, Tp, Hv], lse [G, Tp, 1],
+    delta [G, Tp, 1], optional seg_q [Tp, 1], seg_kv [1, bk]; blocks [P, bq, bk]
+    -> dk [bk, H], dv [bk, Hv] (f32).
+    """
+    r = _unpack(refs, names)
+    b, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq = cfg.block_q
+    has_seg = "seg_q" in r
+    k, v = r["k"][...], r["v"][...]
+    seg_kv = r["seg_kv"][...] if has_seg else None
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+
+    for g in range(groups):  # static: G is small
+
+        def tile(i, pidx, carry, g=g):
+            dk, dv = carry
+            start = pl.multiple_of(i * bq, bq)
+            q = r["q"][g, pl.ds(start, bq), :]
+            do = r["do"][g, pl.ds(start, bq), :]
+            lse = r["lse"][g, pl.ds(start, bq), :]
+            delta = r["delta"][g, pl.ds(start, bq), :]
+            elem = None if pidx is None else r["blocks"][pidx]
+            seg_q = r["seg_q"][pl.ds(start, bq), :] if has_seg else None
+            p, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg)
+            dv = dv + _dot_tn(p.astype(do.dtype), do)
+            dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            return dk, dv
+
+        skip = None
+        if has_seg and seg_skip:
+            def skip(i):
+                start = pl.multiple_of(i * bq, bq)
+                return ~_ranges_overlap(r["seg_q"][pl.ds(start, bq), :], seg_kv)
+
+        meta = _meta_reader(r["meta"], meta_layout, b, kh * groups + g, j)
+        dk, dv = _visit(meta, q_slots, tile, (dk, dv), skip_fn=skip)
+    r["dk"][...] = (dk * cfg.scale).astype(r["dk"].dtype)
+    r["dv"][...] = dv.astype(r["dv"].dtype)

@@ -1,0 +1,423 @@
+"""Pallas block-sparse flash attention, in interpret mode on CPU, against the reference.
+
+Shapes are deliberately small and odd (T=37, S=45 with 16x16 tiles: padding in both directions,
+several partial and full tiles) so that the whole file stays fast in the interpreter.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_testing import F32_ATOL, F32_GRAD_ATOL, bf16_budget, max_err, rand_inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxattn
+from jaxattn import masks as M
+from jaxattn.core import dense
+from jaxattn.ops import pallas_backend
+from jaxattn.ops.attention import make_call
+from pallas_kernels import flash
+
+B, T, S, N, K, H = 2, 37, 45, 4, 2, 16
+BLOCK = 16
+
+
+def _seg_ids(length, bounds, b=B):
+    """int32 [b, length]: document ids that change at ``bounds`` (shifted per batch row)."""
+    rows = [np.searchsorted(np.asarray(bounds) + i, np.arange(length), side="right")
+            for i in range(b)]
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def pallas(q, k, v, mask=None, *, block=BLOCK, **kw):
+    """Through the jaxattn adapter with small tiles; returns (out, lse)."""
+    call, _ = make_call(q, k, v, None, mask, return_lse=True, **kw)
+    return pallas_backend.run(call, block, block)
+
+
+def reference(q, k, v, mask=None, **kw):
+    call, _ = make_call(q, k, v, None, mask, return_lse=True, **kw)
+    return dense.attention_reference(
+        q, k, v, None, call.full_mask, scale=call.scale, logits_soft_cap=call.logits_soft_cap,
+        sinks=call.sinks, return_lse=True)
+
+
+def _loss_grads(fn, args, argnums):
+    """Gradients of a random projection of out plus one of the (finite part of the) LSE."""
+    out, lse = fn(*args)
+    w_o = jax.random.normal(jax.random.key(1), out.shape, jnp.float32)
+    w_l = jax.random.normal(jax.random.key(2), lse.shape, jnp.float32)
+
+    def loss(*a):
+        o, lse = fn(*a)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(
+            jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l)
+
+    # jit: one compilation of the whole backward instead of one per eager kernel call.
+    return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+
+
+def _check_f32(q, k, v, mask=None, *, sinks=None, **kw):
+    def ours(q, k, v, sinks):
+        return pallas(q, k, v, mask, sinks=sinks, **kw)
+
+    def ref(q, k, v, sinks):
+        return reference(q, k, v, mask, sinks=sinks, **kw)
+
+    args = (q, k, v, sinks)
+    out, lse = jax.jit(ours)(*args)
+    r_out, r_lse = ref(*args)
+    assert out.shape == r_out.shape and lse.shape == r_lse.shape == q.shape[:3]
+    assert max_err(out, r_out) < F32_ATOL
+    finite = jnp.isfinite(r_lse)
+    assert bool(jnp.all(finite == jnp.isfinite(lse)))
+    assert max_err(jnp.where(finite, lse, 0.0), jnp.where(finite, r_lse, 0.0)) < F32_ATOL
+    argnums = (0, 1, 2, 3) if sinks is not None else (0, 1, 2)
+    for g, r, name in zip(_loss_grads(ours, args, argnums), _loss_grads(ref, args, argnums),
+                          "qkvs", strict=False):
+        assert g.shape == r.shape, name
+        assert max_err(g, r) < F32_GRAD_ATOL, name
+
+
+def _mask_case(name):
+    r = np.random.default_rng(3)
+    if name == "none":
+        return None, {}
+    if name == "causal":
+        return None, dict(is_causal=True)
+    if name == "causal_bottom_right":
+        return M.CausalMask(offset=S - T), {}
+    if name == "local":
+        return M.LocalMask((9, 3), offset=S - T), {}
+    if name == "chunked":
+        return M.ChunkedCausalMask(12), {}
+    if name == "prefix_lm":
+        return M.PrefixLMMask(np.array([5, 20])), {}
+    if name == "segments":
+        return None, dict(query_segment_ids=_seg_ids(T, [9, 25]),
+                          kv_segment_ids=_seg_ids(S, [12, 30]), is_causal=True)
+    if name == "multi_head":
+        return M.MultiHeadMask([M.CausalMask(), M.LocalMask((4, 0)), M.FullMask(),
+                                M.ChunkedCausalMask(7)]), {}
+    if name == "and_or":
+        return (M.CausalMask() & M.LocalMask((10, 0))) | M.PrefixLMMask(6), {}
+    if name == "random_array":
+        return M.ArrayMask(r.random((B, 1, T, S)) > 0.6), {}
+    raise ValueError(name)
+
+
+MASK_CASES = ["none", "causal", "causal_bottom_right", "local", "chunked", "prefix_lm",
+              "segments", "multi_head", "and_or", "random_array"]
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_forward_and_grads_match_reference(case):
+    mask, kw = _mask_case(case)
+    q, k, v = rand_inputs(0, b=B, t=T, s=S, n=N, k=K, h=H)
+    _check_f32(q, k, v, mask, **kw)
+
+
+def test_soft_cap_sinks_mqa_and_value_dim():
+    q, k, v = rand_inputs(4, b=B, t=T, s=S, n=N, k=1, h=H, hv=8)
+    q = q * 3.0  # large logits so that the soft-cap matters
+    sinks = jnp.asarray([0.5, -1.0, 0.0, 2.0], jnp.float32)
+    _check_f32(q, k, v, M.CausalMask(offset=S - T), sinks=sinks, logits_soft_cap=4.0)
+
+
+def test_segments_with_sinks_and_local_window():
+    q, k, v = rand_inputs(5, b=B, t=S, s=S, n=N, k=K, h=H)
+    ids = _seg_ids(S, [7, 19, 33])
+    sinks = jnp.asarray([0.1, 0.2, -0.3, 1.0], jnp.float32)
+    _check_f32(q, k, v, M.LocalMask((6, 0)), sinks=sinks, query_segment_ids=ids)
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads():
+    q, k, v = rand_inputs(6, b=1, t=T, s=S, n=2, k=2, h=H)
+    allowed = np.ones((T, S), bool)
+    allowed[3] = False
+    allowed[20:] = False  # rows 20.. see nothing: their tiles are EMPTY or masked
+    mask = M.ArrayMask(allowed)
+    out, lse = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
+    assert bool(jnp.all(out[:, 3] == 0)) and bool(jnp.all(out[:, 20:] == 0))
+    assert bool(jnp.all(lse[:, 3] == -jnp.inf)) and bool(jnp.all(lse[:, 20:] == -jnp.inf))
+    _check_f32(q, k, v, mask)  # includes the gradients: finite, and 0 where the reference's are
+
+
+def test_bf16_within_budget():
+    q, k, v = rand_inputs(7, b=B, t=T, s=S, n=N, k=K, h=H, dtype=jnp.bfloat16)
+    mask = M.CausalMask(offset=S - T) & M.LocalMask((20, 0), offset=S - T)
+    out, _ = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+    truth = dense.attention_reference(*f32, mask=mask)
+    assert max_err(out, truth) <= bf16_budget(q, k, v, mask=mask)
+
+    def proj(fn, args):
+        w = jax.random.normal(jax.random.key(9), out.shape, jnp.float32)
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w),
+                                argnums=(0, 1, 2)))(*args)
+
+    g = proj(lambda q, k, v: pallas(q, k, v, mask)[0], (q, k, v))
+    g32 = proj(lambda q, k, v: dense.attention_reference(q, k, v, mask=mask), f32)
+    for a, r in zip(g, g32, strict=True):
+        assert a.dtype == jnp.bfloat16
+        # Same budget as the other bf16 paths (tests/test_attention.py): a few bf16 ulps (2^-8)
+        # of the gradient's scale.
+        assert max_err(a, r) <= 8 * 2.0**-8 * float(jnp.max(jnp.abs(r)))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_head_dims_forward(head_dim):
+    q, k, v = rand_inputs(15, b=1, t=40, s=40, n=2, k=1, h=head_dim)
+    mask = M.CausalMask()
+    out, lse = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
+    r_out, r_lse = reference(q, k, v, mask)
+    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
+
+
+# ---- block skipping is real -----------------------------------------------------------------
+
+
+def _visits(q, k, v, mask, **seg):
+    cfg = flash.FlashConfig(BLOCK, BLOCK, scale=H**-0.5, count_visits=True)
+    meta = pallas_backend.meta_for(mask, q.shape[1], k.shape[1], BLOCK, BLOCK)
+    out, _, visits = flash.flash_attention(q, k, v, meta, config=cfg, **seg)
+    return out, np.asarray(visits), meta
+
+
+@pytest.mark.parametrize("case", ["causal_bottom_right", "local", "multi_head", "prefix_lm"])
+def test_visited_blocks_equal_block_info(case):
+    mask, _ = _mask_case(case)
+    q, k, v = rand_inputs(8, b=B, t=T, s=S, n=N, k=K, h=H)
+    out, visits, _ = _visits(q, k, v, mask)
+    info = mask.block_info(T, S, BLOCK, BLOCK)
+    nonempty = np.broadcast_to(info.kind != M.EMPTY, (B, N) + info.grid)
+    assert visits.shape == (B, N, info.grid[0])
+    # Per query tile, the kernel computed exactly the non-empty kv tiles, no more.
+    np.testing.assert_array_equal(visits, nonempty.sum(-1))
+    # BlockInfo counts over its own (b in {1, B}, n in {1, N}) entries; broadcast to (B, N).
+    repeat = (B // info.kind.shape[0]) * (N // info.kind.shape[1])
+    assert visits.sum() == info.num_visited * repeat
+    assert info.num_empty > 0  # the mask has empty tiles, so the count shows real skipping
+    ref = dense.attention_reference(q, k, v, mask=mask)
+    assert max_err(out, ref) < F32_ATOL
+
+
+def test_segment_tiles_with_disjoint_ids_are_skipped():
+    q, k, v = rand_inputs(9, b=B, t=S, s=S, n=N, k=K, h=H)
+    ids = _seg_ids(S, [16, 32])  # row 0: documents on tile boundaries; row 1 shifted by one
+    mask = M.CausalMask()
+    out, visits, meta = _visits(q, k, v, mask, q_segment_ids=ids, kv_segment_ids=ids)
+    ids_np = np.asarray(ids)
+    nq = nk = -(-S // BLOCK)
+    pad = np.pad(ids_np, ((0, 0), (0, nq * BLOCK - S)), mode="edge").reshape(B, nq, BLOCK)
+    lo, hi = pad.min(-1), pad.max(-1)  # [B, nq]
+    overlap = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    expect = (overlap & (meta.kind[0, 0] != flash.EMPTY)[None]).sum(-1)  # [B, nq]
+    np.testing.assert_array_equal(visits, np.broadcast_to(expect[:, None], (B, N, nq)))
+    assert visits.sum() < (meta.kind != flash.EMPTY).sum() * B * N  # skipping happened
+    full = mask & M.SegmentMask(ids, ids)
+    assert max_err(out, dense.attention_reference(q, k, v, mask=full)) < F32_ATOL
+    assert nk == meta.grid[1]
+
+
+def test_tiles_follow_the_metadata_not_the_mask_rule():
+    """FULL tiles are computed unmasked and PARTIAL tiles use exactly their listed element block:
+    hand-made metadata (no Mask involved) against the reference with the equivalent array."""
+    t = s = 2 * BLOCK
+    q, k, v = rand_inputs(16, b=1, t=t, s=s, n=2, k=1, h=H)
+    kind = np.array([[flash.FULL, flash.PARTIAL], [flash.EMPTY, flash.PARTIAL]], np.int8)
+    pidx = np.array([[-1, 1], [-1, 0]], np.int32)
+    checker = (np.add.outer(np.arange(BLOCK), np.arange(BLOCK)) % 2 == 0)
+    stripes = np.zeros((BLOCK, BLOCK), bool)
+    stripes[:, ::3] = True
+    meta = flash.block_sparse_meta(kind[None, None], pidx[None, None],
+                                   np.stack([checker, stripes]))
+    dense_mask = np.zeros((t, s), bool)
+    dense_mask[:BLOCK, :BLOCK] = True
+    dense_mask[:BLOCK, BLOCK:] = stripes
+    dense_mask[BLOCK:, BLOCK:] = checker
+    cfg = flash.FlashConfig(BLOCK, BLOCK, scale=H**-0.5, count_visits=True)
+    out, lse, visits = flash.flash_attention(q, k, v, meta, config=cfg)
+    r_out, r_lse = dense.attention_reference(q, k, v, mask=M.ArrayMask(dense_mask),
+                                             return_lse=True)
+    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
+    np.testing.assert_array_equal(np.asarray(visits), [[[2, 1], [2, 1]]])
+
+
+# ---- random compositions ---------------------------------------------------------------------
+
+_BASE = st.sampled_from([
+    M.CausalMask(), M.LocalMask((5, 2)), M.LocalMask((0, 11)), M.ChunkedCausalMask(10),
+    M.PrefixLMMask(13), M.FullMask(), M.CausalMask(offset=8),
+])
+
+
+@st.composite
+def _masks(draw):
+    m = draw(_BASE)
+    for _ in range(draw(st.integers(0, 2))):
+        other = draw(_BASE)
+        m = (m & other) if draw(st.booleans()) else (m | other)
+    return m
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(mask=_masks(), lengths=st.sampled_from([(37, 45), (45, 30)]))
+def test_random_compositions(mask, lengths):
+    t, s = lengths
+    q, k, v = rand_inputs(10, b=1, t=t, s=s, n=2, k=1, h=H)
+    _check_f32(q, k, v, mask)
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+
+def test_dispatch_runs_pallas_under_jit_with_traced_segment_ids():
+    q, k, v = rand_inputs(11, b=B, t=S, s=S, n=N, k=K, h=H)
+    ids = _seg_ids(S, [20])
+
+    @jax.jit
+    def f(q, k, v, ids):
+        return jaxattn.dot_product_attention(q, k, v, is_causal=True, query_segment_ids=ids,
+                                             implementation="pallas", return_lse=True)
+
+    out, lse = f(q, k, v, ids)
+    r_out, r_lse = reference(q, k, v, is_causal=True, query_segment_ids=ids)
+    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
+
+
+def test_dispatch_refusals_and_cpu_never_auto():
+    q, k, v = rand_inputs(12, b=1, t=8, s=8, n=2, k=2, h=H)
+    ex = jaxattn.ops.attention.explain(q, k, v, is_causal=True)
+    assert ex.chosen != "pallas" and "interpreter" in ex.verdicts["pallas"]
+    bias = jnp.zeros((1, 1, 8, 8), jnp.float32)
+    assert "bias" in jaxattn.ops.attention.explain(q, k, v, bias).verdicts["pallas"]
+    with pytest.raises(ValueError, match="dropout"):
+        jaxattn.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+                                      implementation="pallas")
+
+    @jax.jit
+    def traced_offset(q, k, v, off):
+        return jaxattn.dot_product_attention(q, k, v, mask=M.CausalMask(offset=off),
+                                             implementation="pallas")
+
+    with pytest.raises(ValueError, match="traced"):
+        traced_offset(q, k, v, jnp.int32(0))
+
+
+def test_supports_and_prefer_on_other_platforms():
+    """Verdicts for GPU/TPU calls (platform simulated: only the decision logic runs)."""
+    import dataclasses
+
+    q = jnp.zeros((1, 4096, 2, 128), jnp.bfloat16)
+    call, _ = make_call(q, q, q, is_causal=True)
+    gpu = dataclasses.replace(call, platform="gpu")
+    assert pallas_backend.supports(gpu) is None
+    assert "validated" in pallas_backend.prefer(gpu)  # never auto-picked until run on a device
+    assert pallas_backend.supports(dataclasses.replace(call, platform="tpu")) is None
+    odd = dataclasses.replace(call, query=q[..., :48], key=q[..., :48], platform="gpu")
+    assert "head dims" in pallas_backend.supports(odd)
+    long_q = jnp.zeros((1, 65536, 2, 128), jnp.bfloat16)
+    long_call, _ = make_call(long_q, long_q, long_q, is_causal=True)
+    assert "SMEM" in pallas_backend.supports(dataclasses.replace(long_call, platform="tpu"))
+
+
+def test_kernel_argument_validation():
+    q, k, v = rand_inputs(13, b=1, t=T, s=S, n=2, k=2, h=H)
+    cfg = flash.FlashConfig(BLOCK, BLOCK)
+    with pytest.raises(ValueError, match="grid"):
+        flash.flash_attention(q, k, v, flash.dense_meta(T, S + 40, BLOCK, BLOCK), config=cfg)
+    with pytest.raises(ValueError, match="backend"):
+        flash.FlashConfig(backend="cuda")
+    with pytest.raises(ValueError, match="block_q"):
+        flash.FlashConfig(block_q=0)
+    with pytest.raises(ValueError, match="kind"):
+        flash.block_sparse_meta(np.full((1, 1, 2, 2), 7), np.zeros((1, 1, 2, 2)),
+                                np.zeros((0, 4, 4), bool))
+
+
+def test_visit_lists_match_kind():
+    r = np.random.default_rng(0)
+    kind = r.integers(0, 3, size=(2, 3, 4, 5)).astype(np.int8)
+    pidx = np.where(kind == flash.PARTIAL, r.integers(0, 6, size=kind.shape), -1)
+    meta = flash.block_sparse_meta(kind, pidx, np.zeros((6, 8, 8), bool))
+    nk = kind.shape[-1]
+    for ib, ih, i in np.ndindex(2, 3, 4):
+        row = meta.fwd[ib, ih, i]
+        part = np.nonzero(kind[ib, ih, i] == flash.PARTIAL)[0]
+        full = np.nonzero(kind[ib, ih, i] == flash.FULL)[0]
+        assert row[0] == len(part) and row[1] == len(full)
+        np.testing.assert_array_equal(row[2:2 + len(part)], part)
+        np.testing.assert_array_equal(row[2 + nk:2 + nk + len(part)], pidx[ib, ih, i, part])
+        np.testing.assert_array_equal(row[2 + 2 * nk:2 + 2 * nk + len(full)], full)
+    # The transposed lists count the same tiles.
+    assert meta.bwd[..., 0].sum() + meta.bwd[..., 1].sum() == meta.num_visited
+
+
+# ---- TPU variant and device lowerings (no device here) ---------------------------------------
+
+
+def _tpu_case():
+    """A case on 128-tiles (TPU block constraints) with GQA, per-head mask, sinks, soft-cap and
+    segment ids; T, S not multiples of 128."""
+    t, s = 150, 200
+    q, k, v = rand_inputs(14, b=1, t=t, s=s, n=4, k=2, h=16)
+    mask = M.MultiHeadMask([M.CausalMask(offset=s - t), M.LocalMask((40, 0), offset=s - t),
+                            M.FullMask(), M.ChunkedCausalMask(64)])
+    info = mask.block_info(t, s, 128, 128)
+    meta = flash.block_sparse_meta(info.kind, info.partial_index, info.partial_blocks)
+    seg = dict(q_segment_ids=_seg_ids(t, [60], b=1), kv_segment_ids=_seg_ids(s, [110], b=1))
+    sinks = jnp.asarray([0.3, -0.5, 1.0, 0.0], jnp.float32)
+    full = mask & M.SegmentMask(seg["q_segment_ids"], seg["kv_segment_ids"])
+    return q, k, v, meta, seg, sinks, full
+
+
+def test_tpu_interpret_variant_matches_reference():
+    """The Mosaic-TPU variant (SMEM metadata) run by the TPU interpreter on CPU."""
+    q, k, v, meta, seg, sinks, full = _tpu_case()
+    cfg = flash.FlashConfig(128, 128, scale=0.25, logits_soft_cap=6.0, backend="tpu_interpret")
+
+    def ours(q, k, v, sinks):
+        return flash.flash_attention(q, k, v, meta, config=cfg, sinks=sinks, **seg)[:2]
+
+    def ref(q, k, v, sinks):
+        return dense.attention_reference(q, k, v, None, full, scale=0.25, logits_soft_cap=6.0,
+                                         sinks=sinks, return_lse=True)
+
+    args = (q, k, v, sinks)
+    out, lse = jax.jit(ours)(*args)
+    r_out, r_lse = ref(*args)
+    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
+    for g, r in zip(_loss_grads(ours, args, (0, 1, 2, 3)), _loss_grads(ref, args, (0, 1, 2, 3)),
+                    strict=True):
+        assert max_err(g, r) < F32_GRAD_ATOL
+
+
+@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
+def test_device_lowerings_lower_from_cpu(backend, platform):
+    """Forward + backward lower for the GPU (Triton) and TPU (Mosaic) backends. This checks the
+    lowering rules only: nothing is compiled for or run on a device here."""
+    q, k, v, meta, seg, sinks, _ = _tpu_case()
+    q, k, v = (jnp.zeros(x.shape[:3] + (128,), jnp.bfloat16) for x in (q, k, v))
+    cfg = flash.FlashConfig(128, 128, scale=0.1, logits_soft_cap=6.0, backend=backend)
+
+    def loss(q, k, v, sinks):
+        out = flash.flash_attention(q, k, v, meta, config=cfg, sinks=sinks, **seg)[0]
+        return jnp.sum(out.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, sinks).lower(
+        lowering_platforms=(platform,))
+    text = lowered.as_text()
+    for name in ("flash_fwd", "flash_dq", "flash_dkv"):
+        assert name in text
+
+
+def test_bench_small_runs(capsys):
+    """The benchmark driver runs end to end at --small size (no timing is asserted)."""
+    from pallas_kernels import bench
+
+    bench.main(["--small", "--workloads", "packed_12docs", "--iters", "1"])
+    text = capsys.readouterr().out
+    assert "packed_12docs: visited" in text and "pallas:" in text and "xla_chunked:" in text
