@@ -1,0 +1,375 @@
+"""Context (sequence) parallel attention over a mesh axis: all-gather KV, ring, Ulysses.
+
+Three strategies, one signature (:func:`context_parallel_attention`), the masking arguments of
+:func:`jaxattn.dot_product_attention`:
+
+* ``"all_gather"``: queries stay sequence-sharded; K/V (and their positions, segment ids) are
+  all-gathered (Llama 3 context parallelism, Dubey et al. 2024; MaxText's default). Memory per
+  device O(S) for K/V, O(T/P) for everything else. Backward: autodiff (all-gather transposes to
+  a reduce-scatter of dK/dV).
+* ``"ring"``: K/V blocks rotate with ``ppermute``, partial results merged by LSE (Liu et al.,
+  "Ring Attention", 2023); custom backward that rotates dK/dV with their blocks
+  (:mod:`jaxattn.parallel.ring`). Memory O(S/P).
+* ``"ulysses"``: all-to-all from sequence-sharded to head-sharded, full-sequence attention on
+  ``N/P`` heads, all-to-all back (Jacobs et al., "DeepSpeed Ulysses", 2023). Needs the (local)
+  head count divisible by the axis size; kv heads fewer than that are replicated.
+
+Masks are evaluated at global positions, so they stay right under load balancing
+(``load_balance="zigzag"`` / ``"striped"``, :mod:`jaxattn.parallel.layout`); the inputs are given
+in natural order and permuted / un-permuted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from jaxattn import masks as masks_lib
+from jaxattn.ops.attention import make_call
+from jaxattn.parallel import layout
+from jaxattn.parallel.ring import (
+    STATIC_BASE,
+    RingStatic,
+    attend,
+    local_mask,
+    ring_attention_local,
+)
+
+__all__ = ["context_parallel_attention", "STRATEGIES"]
+
+STRATEGIES = ("all_gather", "ring", "ulysses")
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is not None:
+        return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.7
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _pick_batch_axes(mesh, batch_axes, batch: int, context_axis: str) -> tuple[str, ...]:
+    if batch_axes == "auto":
+        chosen: list[str] = []
+        for a in ("data", "fsdp"):
+            if a in mesh.shape and a != context_axis and mesh.shape[a] > 1:
+                if batch % (_size(mesh, chosen) * mesh.shape[a]) == 0:
+                    chosen.append(a)
+        return tuple(chosen)
+    axes = () if batch_axes is None else (
+        (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
+    for a in axes:
+        if a not in mesh.shape:
+            raise ValueError(f"batch axis {a!r} is not in the mesh {dict(mesh.shape)}")
+    if batch % _size(mesh, axes):
+        raise ValueError(f"batch {batch} is not divisible by mesh axes {axes} "
+                         f"(size {_size(mesh, axes)})")
+    return axes
+
+
+def _pick_head_axis(mesh, head_axis, num_heads: int, context_axis: str) -> str | None:
+    if head_axis == "auto":
+        a = "tensor"
+        ok = a in mesh.shape and a != context_axis and mesh.shape[a] > 1
+        return a if ok and num_heads % mesh.shape[a] == 0 else None
+    if head_axis is None:
+        return None
+    if head_axis not in mesh.shape:
+        raise ValueError(f"head axis {head_axis!r} is not in the mesh {dict(mesh.shape)}")
+    if num_heads % mesh.shape[head_axis]:
+        raise ValueError(f"N={num_heads} heads are not divisible by mesh axis {head_axis!r} "
+                         f"(size {mesh.shape[head_axis]})")
+    return head_axis
+
+
+def _spec_axes(axes):
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def context_parallel_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K Hv"],
+    bias: Float[Array, "#B #N #T #S"] | None = None,
+    mask: masks_lib.Mask | None = None,
+    *,
+    mesh: Mesh,
+    axis: str = "context",
+    strategy: str = "all_gather",
+    is_causal: bool = False,
+    query_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: Float[Array, "N"] | None = None,  # noqa: F821 (a jaxtyping shape, not a name)
+    load_balance: str | None = None,
+    implementation: str | None = None,
+    return_lse: bool = False,
+    batch_axes="auto",
+    head_axis="auto",
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+):
+    """Attention with the sequence sharded over mesh axis ``axis`` (context parallelism).
+
+    Same math and masking arguments as :func:`jaxattn.dot_product_attention`; the result equals
+    the unsharded computation. Call it on global arrays (under ``jax.jit`` or eagerly); inputs
+    are resharded to ``[batch_axes, axis, head_axis, None]`` as needed.
+
+    Args:
+      query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Hv]``; ``N % K == 0``.
+      bias: additive bias broadcastable to ``[B, N, T, S]`` (all_gather and ulysses only).
+      mask: a :class:`jaxattn.masks.Mask` (evaluated at global positions) or boolean array.
+      mesh: the ``jax.sharding.Mesh``; ``axis``: the mesh axis to split the sequence over.
+      strategy: ``"all_gather"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
+      is_causal, query_segment_ids, kv_segment_ids, scale, logits_soft_cap, sinks: as in
+        :func:`jaxattn.dot_product_attention` (segment ids are sharded with the sequence and
+        travel with K/V).
+      load_balance: ``None``, ``"zigzag"`` or ``"striped"``: reorder the sequence before sharding
+        so causal work is even over devices (self-attention, ``T == S``). Masks stay exact.
+        Inputs and outputs stay in natural order: the reorder runs shard-locally (ppermute for
+        zigzag, all_to_all for striped when ``T % P**2 == 0``; else a global gather). Ignored
+        by ``"ulysses"``, whose devices each see the whole sequence.
+      implementation: the per-device attention backend (``"xla_chunked"``, ``"reference"``, a
+        registered Pallas backend, or None for automatic); it must return the LSE.
+      return_lse: also return the f32 LSE ``[B, T, N]``.
+      batch_axes: mesh axes for the batch (default: ``data`` / ``fsdp`` where they divide B).
+      head_axis: mesh axis for heads (default: ``tensor`` when it divides N); kv heads fewer
+        than its size are replicated.
+
+    Returns:
+      ``[B, T, N, Hv]`` (and ``[B, T, N]`` with ``return_lse``).
+
+    Raises:
+      ValueError: lengths not divisible by the axis size (by twice it for zigzag), heads not
+        divisible for Ulysses, unknown strategy / axis, dropout, bias with ring.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {dict(mesh.shape)}")
+    if dropout_rate:
+        raise ValueError("context_parallel_attention does not implement attention dropout")
+    call, squeezed = make_call(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+        query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
+        logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+    )
+    if isinstance(call.scale, jax.core.Tracer):
+        raise TypeError("scale must be a Python number for context_parallel_attention")
+    if strategy == "ring" and call.bias is not None:
+        raise ValueError("strategy='ring' does not take a bias; use a mask, or 'all_gather' / "
+                         "'ulysses'")
+    q, k, v = call.query, call.key, call.value
+    b, t, n, _ = q.shape
+    s = k.shape[1]
+    p = mesh.shape[axis]
+    for name, length in (("query", t), ("key/value", s)):
+        if length % p:
+            raise ValueError(
+                f"{name} length {length} is not divisible by the size {p} of mesh axis {axis!r}; "
+                "pad the sequence (and mask the padding) to a multiple of it"
+            )
+    if load_balance is not None and t != s:
+        raise ValueError(f"load_balance needs self-attention lengths (T == S), got T={t}, S={s}")
+    layout.sequence_permutation(t, p, load_balance)  # validates load_balance and divisibility
+    if strategy == "ulysses":
+        load_balance = None  # every device attends over the whole sequence: already balanced
+    q_perm = layout.sequence_permutation(t, p, load_balance)
+    kv_perm = layout.sequence_permutation(s, p, load_balance)
+    # reorder shard-locally with ppermute / all_to_all when the layout allows (O(T/P) memory),
+    # else by a global gather before sharding
+    local_lb = load_balance if layout.can_relayout_locally(t, p, load_balance) else None
+    global_lb = load_balance if local_lb is None else None
+
+    batch_ax = _pick_batch_axes(mesh, batch_axes, b, axis)
+    head_ax = _pick_head_axis(mesh, head_axis, n, axis)
+    pt = _size(mesh, head_ax)
+    if strategy == "ulysses" and (n // pt) % p:
+        raise ValueError(
+            f"ulysses needs the heads per device ({n} heads / {pt} on {head_ax!r} = {n // pt}) "
+            f"divisible by the size {p} of mesh axis {axis!r}; use 'ring' or 'all_gather'"
+        )
+    shards = pt * (p if strategy == "ulysses" else 1)
+    k, v = layout.expand_kv_heads(k, v, n, shards)
+
+    global_mask = call.mask  # the user's mask & is_causal (segment ids stay arrays)
+    static_mask = None if global_mask is None else global_mask.static()
+    if static_mask is not None or global_mask is None:
+        leaves, mask_def = [], None  # a static mask is a compile-time constant
+    else:
+        leaves, mask_def = jax.tree_util.tree_flatten(global_mask)
+        leaves = [jnp.asarray(x) for x in leaves]
+    q_seg, kv_seg, bias = call.q_segment_ids, call.kv_segment_ids, call.bias
+
+    if global_lb is not None:
+        q, k, v = (jnp.take(x, jnp.asarray(pm), axis=1)
+                   for x, pm in ((q, q_perm), (k, kv_perm), (v, kv_perm)))
+        if q_seg is not None:
+            q_seg = jnp.take(q_seg, jnp.asarray(q_perm), axis=1)
+            kv_seg = jnp.take(kv_seg, jnp.asarray(kv_perm), axis=1)
+    if load_balance is not None:
+        if bias is not None:
+            if bias.shape[2] > 1:
+                bias = jnp.take(bias, jnp.asarray(q_perm), axis=2)
+            if bias.shape[3] > 1:
+                bias = jnp.take(bias, jnp.asarray(kv_perm), axis=3)
+
+    bspec, hspec = _spec_axes(batch_ax), head_ax
+    qkv_spec = P(bspec, axis, hspec, None)
+    seg_spec = P(bspec, axis)
+    pos_spec = P(axis)
+    b_loc = b // _size(mesh, batch_ax)
+    n_loc = n // pt
+    per_head = global_mask is not None and global_mask.num_heads is not None
+    st = RingStatic(
+        axis=axis, axis_size=p, kinds=((),), mask_def=mask_def, static_mask=static_mask,
+        scale=call.scale, soft_cap=call.logits_soft_cap, implementation=implementation,
+        head_axis=head_ax if per_head else None, head_count=n_loc if per_head else None,
+        batch_axes=batch_ax if (global_mask is not None and global_mask.batch_size) else (),
+        batch_count=b_loc,
+    )
+    has_seg = q_seg is not None
+    if not has_seg:  # placeholders that keep one shard_map signature; never read
+        q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
+
+    def relayout_in(q, k, v, qs, ks):
+        seq = lambda x: layout.to_balanced(x, axis, p, local_lb, 1)
+        q, k, v = seq(q), seq(k), seq(v)
+        qs, ks = (seq(qs), seq(ks)) if has_seg else (None, None)
+        return q, k, v, qs, ks
+
+    def relayout_out(out, lse):
+        back = lambda x: layout.from_balanced(x, axis, p, local_lb, 1)
+        return back(out), back(lse)
+
+    if strategy == "ring":
+        kinds = layout.hop_kinds(global_mask, q_perm, kv_perm, p, load_balance)
+        busy = np.nonzero((kinds != masks_lib.EMPTY).any(axis=0))[0]
+        hops = int(busy.max()) + 1 if busy.size else 1
+        kinds = kinds[:, :hops]
+        partial_masks: tuple = ()
+        if st.head_axis is None and not st.batch_axes:  # no traced head / batch slicing needed
+            static_cases = layout.static_partial_masks(
+                static_mask, kinds, q_perm, kv_perm, p, STATIC_BASE)
+            if static_cases is not None:
+                kinds, partial_masks = static_cases
+        st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
+                      partial_masks=partial_masks)
+
+        def body(q, k, v, qp, kp, qs, ks, leaves):
+            q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
+            out, lse = ring_attention_local(st, q, k, v, qp, kp, qs, ks, leaves)
+            return relayout_out(out, lse)
+
+        fn = _shard_map(body, mesh,
+                        in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
+                                  seg_spec, [P()] * len(leaves)),
+                        out_specs=(qkv_spec, P(bspec, axis, hspec)))
+        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves)
+    else:
+        bias_args, bias_spec = [], []
+        if bias is not None:
+            bias_b = bspec if bias.shape[0] > 1 else None
+            if strategy == "all_gather":
+                bias_spec = [P(bias_b, hspec if bias.shape[1] > 1 else None,
+                               axis if bias.shape[2] > 1 else None, None)]
+            else:
+                heads = _spec_axes(tuple(a for a in (head_ax, axis) if a))
+                bias_spec = [P(bias_b, heads if bias.shape[1] > 1 else None, None, None)]
+            bias_args = [bias]
+        strat = _all_gather_local if strategy == "all_gather" else _ulysses_local
+        natural = load_balance is None
+
+        def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
+            q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
+            bl = bias_local[0] if bias_local else None
+            out, lse = strat(st, q, k, v, qp, kp, qs, ks, leaves, bl, natural, n_loc)
+            return relayout_out(out, lse)
+
+        fn = _shard_map(body, mesh,
+                        in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
+                                  seg_spec, [P()] * len(leaves), *bias_spec),
+                        out_specs=(qkv_spec, P(bspec, axis, hspec)))
+        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
+                      *bias_args)
+
+    if global_lb is not None:
+        inv = jnp.asarray(layout.inverse_permutation(q_perm))
+        out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks)
+    if squeezed:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+def _replace(st, **kw):
+    return dataclasses.replace(st, **kw)
+
+
+def _apply_sinks(out, lse, sinks):
+    """Add one sink logit per head to every softmax: ``lse' = logaddexp(lse, sink)`` and the
+    output shrinks by ``exp(lse - lse')`` (the sink carries probability but no value)."""
+    if tuple(sinks.shape) != (out.shape[2],):
+        raise ValueError(f"sinks must have shape [N] = ({out.shape[2]},), got {sinks.shape}")
+    s = sinks.astype(jnp.float32)[None, None, :]
+    new = jnp.logaddexp(lse, s)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - new), 0.0)
+    return (out.astype(jnp.float32) * w[..., None]).astype(out.dtype), new
+
+
+def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, natural, n_loc):
+    """Queries stay local; K/V, their positions and segment ids are gathered along the axis."""
+    del natural, n_loc
+    gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
+    k, v, kv_pos = gather(k, 1), gather(v, 1), gather(kv_pos, 0)
+    kv_seg = None if kv_seg is None else gather(kv_seg, 1)
+    mask = local_mask(st, masks_lib.PARTIAL, q_pos, kv_pos, leaves)
+    return attend(st, q, k, v, mask, q_seg, kv_seg, bias)
+
+
+def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, natural, n_loc):
+    """Sequence-sharded -> head-sharded (all-to-all), full-length attention, and back."""
+    a2a = lambda x, split, concat: jax.lax.all_to_all(x, st.axis, split, concat, tiled=True)
+    q, k, v = a2a(q, 2, 1), a2a(k, 2, 1), a2a(v, 2, 1)  # [B, T, N_loc / P, H]
+    gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
+    q_pos, kv_pos = gather(q_pos, 0), gather(kv_pos, 0)
+    if q_seg is not None:
+        q_seg, kv_seg = gather(q_seg, 1), gather(kv_seg, 1)
+    heads_here = n_loc // st.axis_size
+    head_start = None
+    if st.head_count is not None:  # a per-head mask: this device holds heads [start, +heads)
+        base = 0 if st.head_axis is None else jax.lax.axis_index(st.head_axis) * n_loc
+        head_start = base + jax.lax.axis_index(st.axis) * heads_here
+        st = _replace(st, head_count=heads_here)
+    has_mask = st.mask_def is not None or st.static_mask is not None
+    if natural and has_mask and head_start is None and not st.batch_axes:
+        # positions are 0..T-1 after the all-to-all: the global mask applies as is (static
+        # block skipping inside the kernel when the mask is static)
+        mask = st.static_mask
+        if mask is None:
+            mask = jax.tree_util.tree_unflatten(st.mask_def, leaves)
+    else:
+        mask = local_mask(st, masks_lib.PARTIAL, q_pos, kv_pos, leaves, head_start=head_start)
+    out, lse = attend(st, q, k, v, mask, q_seg, kv_seg, bias)  # [B, T, N_loc/P, Hv], lse
+    return a2a(out, 1, 2), a2a(lse, 1, 2)
