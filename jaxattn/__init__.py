@@ -6,10 +6,11 @@ Public API (re-exports only)::
     jaxattn.explain(q, k, v, ...)          # which implementation runs, and why not the others
     jaxattn.masks                          # structured masks with block metadata
     jaxattn.nn.MultiHeadAttention          # Flax NNX layer
+    jaxattn.parallel                       # meshes, logical axes, head / context parallelism
 """
 
-from jaxattn import masks
+from jaxattn import masks, parallel
 from jaxattn.ops.attention import dot_product_attention, explain
 
-__all__ = ["dot_product_attention", "explain", "masks"]
+__all__ = ["dot_product_attention", "explain", "masks", "parallel"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from flax import nnx
 from jaxattn import masks as masks_lib
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import dot_product_attention
+from jaxattn.parallel.logical import constrain
 
 __all__ = ["MultiHeadAttention"]
 
@@ -49,6 +50,11 @@ class MultiHeadAttention(nnx.Module):
       logits_soft_cap: soft-cap for the logits.
       use_sinks: learn one sink logit per head (initialised to 0).
       implementation: passed to ``attention_fn`` (e.g. ``"xla_chunked"``).
+      decode_attention_fn: used instead of ``attention_fn`` for KV-cache decoding steps (a
+        context-parallel ``attention_fn`` cannot take one-token steps).
+
+    Activations are constrained to logical axes (``batch, length, heads, kv_heads, head_dim,
+    embed``); this is a no-op unless a :func:`jaxattn.parallel.axis_rules` context is active.
 
     Call: ``inputs_q [B, T, in_features]`` (``inputs_k``/``inputs_v`` ``[B, S, in_kv_features]``
     for cross-attention) -> ``[B, T, out_features]``.
@@ -81,6 +87,7 @@ class MultiHeadAttention(nnx.Module):
         logits_soft_cap: float | None = None,
         use_sinks: bool = False,
         implementation: str | None = None,
+        decode_attention_fn: Callable = dot_product_attention,
         rngs: nnx.Rngs,
     ):
         qkv_features = in_features if qkv_features is None else qkv_features
@@ -106,6 +113,7 @@ class MultiHeadAttention(nnx.Module):
         self.use_bias, self.attention_fn, self.decode = use_bias, attention_fn, decode
         self.normalize_qk, self.rope_theta, self.is_causal = normalize_qk, rope_theta, is_causal
         self.mask, self.logits_soft_cap, self.implementation = mask, logits_soft_cap, implementation
+        self.decode_attention_fn = decode_attention_fn
 
         out_kernel_init = out_kernel_init or kernel_init
         out_bias_init = out_bias_init or bias_init
@@ -180,6 +188,8 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(
                 f"inputs_q must be [B, T, {self.in_features}], got shape {inputs_q.shape}"
             )
+        self_attention = inputs_k is None
+        inputs_q = constrain(inputs_q, ("batch", "length", "embed"))
         inputs_k = inputs_q if inputs_k is None else inputs_k
         inputs_v = inputs_k if inputs_v is None else inputs_v
         q = self._project(inputs_q, self.query_kernel, self.query_bias if self.use_bias else None)
@@ -187,6 +197,9 @@ class MultiHeadAttention(nnx.Module):
         v = self._project(inputs_v, self.value_kernel, self.value_bias if self.use_bias else None)
         if self.normalize_qk:
             q, k = self.query_ln(q), self.key_ln(k)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
 
         decode = self.decode if decode is None else decode
         b, t = q.shape[:2]
@@ -202,7 +215,7 @@ class MultiHeadAttention(nnx.Module):
                 start = 0 if offset is None else offset
                 positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
             q = apply_rope(q, positions, self.rope_theta)
-            kv_pos = positions if inputs_k is inputs_q else jnp.broadcast_to(
+            kv_pos = positions if self_attention else jnp.broadcast_to(
                 jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
             k = apply_rope(k, kv_pos, self.rope_theta)
 
@@ -243,8 +256,10 @@ class MultiHeadAttention(nnx.Module):
             if source is None:
                 raise ValueError("dropout needs rngs (constructor or call)")
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=source.dropout())
-        out = self.attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        attention_fn = self.decode_attention_fn if decode else self.attention_fn
+        out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("btnh,nho->bto", out, self._cast(self.out_kernel[...]))
         if self.use_bias:
             y = y + self._cast(self.out_bias[...])
-        return y
+        return constrain(y, ("batch", "length", "embed"))
