@@ -5,12 +5,23 @@ Public API (re-exports only)::
     jaxattn.dot_product_attention(q, k, v, mask=jaxattn.masks.CausalMask(), ...)
     jaxattn.explain(q, k, v, ...)          # which implementation runs, and why not the others
     jaxattn.masks                          # structured masks with block metadata
+    jaxattn.neighborhood_attention(q, k, v, kernel_size, ...)   # NATTEN semantics, 1D/2D/3D
     jaxattn.nn.MultiHeadAttention          # Flax NNX layer
     jaxattn.parallel                       # meshes, logical axes, head / context parallelism
 """
 
 from jaxattn import masks, parallel
 from jaxattn.ops.attention import dot_product_attention, explain
+from jaxattn.ops.neighborhood import explain_neighborhood, neighborhood_attention
+from jaxattn.ops.neighborhood_planner import plan_speedup as plan_neighborhood
 
-__all__ = ["dot_product_attention", "explain", "masks", "parallel"]
+__all__ = [
+    "dot_product_attention",
+    "explain",
+    "masks",
+    "parallel",
+    "neighborhood_attention",
+    "explain_neighborhood",
+    "plan_neighborhood",
+]
 __version__ = "0.1.0"

@@ -2,4 +2,5 @@
 
 Subpackages:
   flash: block-sparse flash attention (forward + backward, interpret / GPU / TPU lowerings).
+  neighborhood: fused neighborhood attention (block-sparse, per-query window boxes; fwd + bwd).
 """

@@ -2,5 +2,12 @@
 
 from jaxattn.ops import registry
 from jaxattn.ops.attention import dot_product_attention, explain
+from jaxattn.ops.neighborhood import explain_neighborhood, neighborhood_attention
 
-__all__ = ["dot_product_attention", "explain", "registry"]
+__all__ = [
+    "dot_product_attention",
+    "explain",
+    "registry",
+    "neighborhood_attention",
+    "explain_neighborhood",
+]
