@@ -1,0 +1,27 @@
+"""Paper reproductions built on :mod:`jaxattn.train`.
+
+Run one with ``python -m experiments <name> [--quick] [--override key=value ...]``; list them
+with ``python -m experiments --list``. Each registered module provides ``NAME``,
+``DESCRIPTION``, ``default_config()``, ``quick_config()``, ``smoke_config()`` (a tiny config
+for tests), ``build_task(cfg) -> jaxattn.train.Task`` and ``main(cfg)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> module path. Nothing in jaxattn imports this package.
+REGISTRY: dict[str, str] = {
+    "zoology": "experiments.zoology.experiment",
+}
+
+
+def get(name: str) -> ModuleType:
+    """The experiment module registered as ``name``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown experiment {name!r}; registered: {sorted(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+__all__ = ["REGISTRY", "get"]

@@ -1,0 +1,1 @@
+"""Zoology (Arora, Eyuboglu et al., 2023): multi-query associative recall (MQAR)."""

@@ -1,0 +1,193 @@
+"""Checkpoints: SIGKILL mid-run then restart ends with exactly the parameters of an
+uninterrupted run; a corrupted latest checkpoint falls back to the previous one; a NaN loss
+stops the run without saving; restore onto a different mesh (8 devices -> 4)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxattn.nn import MultiHeadAttention
+from jaxattn.train import (
+    ExperimentConfig,
+    MeshConfig,
+    NonFiniteLossError,
+    OptimConfig,
+    RunConfig,
+    Task,
+    make_mesh,
+    train,
+)
+from jaxattn.train.data import train_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(4, 16, rngs=rngs)
+        self.attn = MultiHeadAttention(2, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):  # [B, 6, 4]
+        h = self.inp(x)
+        return self.out(jnp.mean(h + self.attn(h), axis=1))
+
+
+class ToySource:
+    """Random inputs ``[6, 4]`` and labels; ``poison`` indices carry ``bad = 1``."""
+
+    def __init__(self, n=64, poison=()):
+        rng = np.random.default_rng(0)
+        self.x = rng.normal(size=(n, 6, 4)).astype(np.float32)
+        self.y = (self.x[:, 0, 0] > 0).astype(np.int32) + (self.x[:, 1, 1] > 0)
+        self.poison = set(poison)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i],
+                "bad": np.float32(1.0 if int(i) in self.poison else 0.0)}
+
+
+def _loss(model, batch, rngs):
+    ce = optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]).mean()
+    nan = jnp.where(jnp.any(batch["bad"] > 0), jnp.float32(jnp.nan), jnp.float32(0.0))
+    return ce + nan, {}
+
+
+def _task(poison=()):
+    return Task(make_model=Net, loss_fn=_loss, train_source=ToySource(poison=poison))
+
+
+def _cfg(ckpt, steps, **run):
+    base = dict(steps=steps, batch_size=8, log_every=1, progress=False, checkpoint_dir=str(ckpt),
+                save_every=2, keep=3)
+    base.update(run)
+    return ExperimentConfig(model=None, data=None, optim=OptimConfig(learning_rate=1e-2),
+                            run=RunConfig(**base))
+
+
+def _params(result):
+    return jax.tree.leaves(nnx.state(result.model, nnx.Param))
+
+
+# ---- SIGKILL and resume -----------------------------------------------------------------------
+CHILD = textwrap.dedent('''
+    import sys, time
+    import numpy as np
+    import jax
+    from flax import nnx
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import _cfg, _task
+    from jaxattn.train import train
+
+    ckpt, out, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    cfg = _cfg(ckpt, 40, save_every=4, async_save=True)
+    res = train(cfg, _task(), callbacks=[lambda step, m: time.sleep(slow)])
+    print("resumed_from", res.resumed_from, flush=True)
+    np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(nnx.state(res.model, nnx.Param))])
+''')
+
+
+def _child(tmp_path, ckpt, out, slow):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=os.path.join(ROOT, "tests")))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(slow)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(ckpt):
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() \
+        else []
+
+
+def test_sigkill_then_resume_gives_identical_parameters(tmp_path):
+    ref = _child(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref.npz", 0.0)
+    killed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.1)
+    deadline = time.time() + 240
+    while time.time() < deadline and not [s for s in _steps(tmp_path / "ckpt") if s >= 12]:
+        assert killed.poll() is None, killed.stdout.read()
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run.npz").exists()
+    done_before = max(_steps(tmp_path / "ckpt"))
+    assert 12 <= done_before < 40
+    resumed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.0)
+    log, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, log
+    start = int(log.split("resumed_from")[-1].split()[0])
+    assert start >= 12, log
+    ref_log, _ = ref.communicate(timeout=240)
+    assert ref.returncode == 0, ref_log
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+    assert len(a.files) == len(b.files) > 0
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+# ---- corruption, NaN, mesh change -------------------------------------------------------------
+def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capfd):
+    ckpt = tmp_path / "ckpt"
+    train(_cfg(ckpt, 6), _task())
+    assert _steps(ckpt) == [2, 4, 6]
+    for path in (ckpt / "6").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage" * 3)
+    res = train(_cfg(ckpt, 8), _task())
+    err = capfd.readouterr().err
+    assert "step 6" in err and "unreadable" in err
+    assert res.resumed_from == 4 and res.step == 8
+    assert list(ckpt.glob("corrupt_6_*"))
+    assert 8 in _steps(ckpt)
+
+
+def test_nan_loss_stops_without_saving(tmp_path):
+    cfg = _cfg(tmp_path / "ckpt", 30, save_every=1)
+    ds = train_dataset(ToySource(), global_batch_size=8, seed=0)
+    first = {}
+    for step in range(30):
+        for i in ds[step]["x"][:, 0, 0]:
+            idx = int(np.nonzero(ToySource().x[:, 0, 0] == i)[0][0])
+            first.setdefault(idx, step)
+    poison, bad_step = next((i, s) for i, s in sorted(first.items(), key=lambda t: t[1])
+                            if s >= 3)
+    with pytest.raises(NonFiniteLossError, match=rf"nan at step {bad_step + 1}"):
+        train(cfg, _task(poison=[poison]))
+    steps = _steps(tmp_path / "ckpt")
+    assert steps and max(steps) == bad_step  # the last good step, nothing after it
+    res = train(_cfg(tmp_path / "ckpt", bad_step), _task())
+    assert res.resumed_from == bad_step
+    assert all(np.all(np.isfinite(p)) for p in _params(res))
+
+
+def test_restore_onto_a_smaller_mesh(tmp_path):
+    rules = (("embed", "data"),)
+    big = make_mesh(MeshConfig(data=8))
+    cfg = _cfg(tmp_path / "ckpt", 2)
+    cfg = ExperimentConfig(model=None, data=None, optim=cfg.optim, run=cfg.run,
+                           mesh=MeshConfig(rules=rules))
+    first = train(cfg, _task(), mesh=big)
+    kernel = nnx.state(first.model, nnx.Param)["attn"]["query_kernel"][...]
+    assert len(kernel.sharding.device_set) == 8
+    small = make_mesh(MeshConfig(data=4), devices=jax.devices()[:4])
+    again = train(cfg, _task(), mesh=small)
+    assert again.resumed_from == 2
+    kernel4 = nnx.state(again.model, nnx.Param)["attn"]["query_kernel"][...]
+    assert len(kernel4.sharding.device_set) == 4
+    assert kernel4.sharding.spec[0] == "data"
+    for x, y in zip(_params(first), _params(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,0 +1,184 @@
+"""The shared training loop: config overrides, optimizer schedule, loss going down, determinism
+of training and evaluation, gradient accumulation, bf16 policy and parameter sharding rules."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxattn.nn import MultiHeadAttention
+from jaxattn.train import (
+    ExperimentConfig,
+    MeshConfig,
+    OptimConfig,
+    RunConfig,
+    Task,
+    apply_overrides,
+    make_mesh,
+    make_schedule,
+    param_shardings,
+    train,
+)
+from jaxattn.train.sources import DigitsSource
+
+
+class TinyNet(nnx.Module):
+    """Digits classifier with one attention layer over the 8 image rows (tokens)."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(8, 16, rngs=rngs)
+        self.attn = MultiHeadAttention(2, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, image):
+        x = self.inp(image[..., 0])  # [B, 8 rows, 16]
+        x = x + self.attn(x)
+        return self.out(jnp.mean(x, axis=1)).astype(jnp.float32)
+
+
+def _loss(model, batch, rngs):
+    logits = model(batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"])
+                                       .astype(jnp.float32))}
+
+
+def _eval(model, batch):
+    logits = model(batch["image"])
+    return {"accuracy": (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32),
+            "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])}
+
+
+TASK = Task(make_model=lambda rngs: TinyNet(rngs), loss_fn=_loss,
+            train_source=DigitsSource("train"), eval_source=DigitsSource("test"), eval_fn=_eval)
+
+
+def _cfg(**run):
+    base = dict(steps=20, batch_size=32, log_every=1, progress=False, eval_batch_size=64,
+                eval_examples=128)
+    base.update(run)
+    return ExperimentConfig(model=None, data=None,
+                            optim=OptimConfig(learning_rate=2e-2, schedule="constant"),
+                            run=RunConfig(**base))
+
+
+def _params(result):
+    return jax.tree.leaves(nnx.state(result.model, nnx.Param))
+
+
+# ---- config -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    widths: tuple[int, ...] = (1, 2)
+    pair: tuple[int, float] = (1, 2.0)
+    name: str = "x"
+    flag: bool = False
+    clip: float | None = 1.0
+
+
+def test_overrides_are_typed():
+    cfg = ExperimentConfig(model=_Inner(), data=None)
+    out = apply_overrides(cfg, ["model.widths=8,16,32", "model.flag=true", "model.clip=none",
+                                "optim.learning_rate=3e-3", "run.steps=7", "model.name=abc",
+                                "model.pair=(3, 0.5)", "mesh.rules=(embed,data),(mlp,model)"])
+    assert out.model.widths == (8, 16, 32) and out.model.flag is True and out.model.clip is None
+    assert out.optim.learning_rate == 3e-3 and out.run.steps == 7 and out.model.name == "abc"
+    assert out.model.pair == (3, 0.5)
+    assert out.mesh.rules == (("embed", "data"), ("mlp", "model"))
+    assert cfg.run.steps == RunConfig().steps  # frozen: the original is unchanged
+    for bad, msg in [("run.steps=1.5", "int"), ("run.stepz=1", "unknown field"),
+                     ("model.flag=maybe", "boolean"), ("run.steps", "key=value"),
+                     ("optim.learning_rate.x=1", "does not name")]:
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(cfg, [bad])
+
+
+def test_schedule_warmup_then_cosine():
+    sched = make_schedule(OptimConfig(learning_rate=1.0, warmup_steps=10), 110)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.5, abs=1e-6)
+    assert float(sched(110)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule(OptimConfig(schedule="step"), 10)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def test_loss_decreases_within_20_steps():
+    res = train(_cfg(), TASK)
+    losses = [h["loss"] for h in res.history if h["split"] == "train"]
+    assert len(losses) == 20
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert res.eval_metrics["accuracy"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_training_and_eval_are_deterministic():
+    a, b = train(_cfg(steps=5), TASK), train(_cfg(steps=5), TASK)
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.eval_metrics == b.eval_metrics
+    # evaluating the same parameters twice gives the same numbers
+    c = train(_cfg(steps=5, eval_every=5), TASK)
+    evals = [h for h in c.history if h["split"] == "eval"]
+    assert evals[-1]["accuracy"] == a.eval_metrics["accuracy"]
+
+
+def test_gradient_accumulation_matches_full_batch():
+    full = train(_cfg(steps=1), TASK)
+    acc_cfg = _cfg(steps=1)
+    acc_cfg = dataclasses.replace(acc_cfg, optim=dataclasses.replace(acc_cfg.optim,
+                                                                     accumulate_steps=4))
+    acc = train(acc_cfg, TASK)
+    # loss and gradient of the first step (before any update) agree up to f32 summation order.
+    # (Parameters are not compared: Adam's first step is ~lr * sign(g), which turns rounding
+    # differences in near-zero gradient entries into full-size differences.)
+    for key in ("loss", "grad_norm"):
+        assert full.history[0][key] == pytest.approx(acc.history[0][key], rel=1e-5)
+    wrong = train(dataclasses.replace(acc_cfg, run=dataclasses.replace(acc_cfg.run, seed=1)),
+                  TASK)
+    assert wrong.history[0]["grad_norm"] != pytest.approx(full.history[0]["grad_norm"],
+                                                          rel=1e-5)
+
+
+def test_bf16_policy_keeps_f32_params():
+    cfg = _cfg(steps=3, precision="bf16")
+    res = train(cfg, TASK)
+    assert all(p.dtype == jnp.float32 for p in _params(res))
+    assert np.isfinite(res.train_metrics["loss"])
+    with pytest.raises(ValueError, match="precision"):
+        train(_cfg(steps=1, precision="fp8"), TASK)
+
+
+def test_rules_shard_parameters_over_the_mesh():
+    mesh = make_mesh(MeshConfig(data=4, model=2))
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    model = TinyNet(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    sh = param_shardings(params, mesh, (("embed", "data"), ("heads", "model")))
+    q = sh["attn"]["query_kernel"]  # logical (embed, heads, head_dim), shape (16, 2, 8)
+    assert q.spec == jax.sharding.PartitionSpec("data", "model", None)
+    assert all(a is None for a in sh["inp"]["kernel"].spec)  # nnx.Linear: no names
+    cfg = dataclasses.replace(_cfg(steps=2, batch_size=32),
+                              mesh=MeshConfig(data=4, model=2,
+                                              rules=(("embed", "data"), ("heads", "model"))))
+    res = train(cfg, TASK)
+    kern = nnx.state(res.model, nnx.Param)["attn"]["query_kernel"][...]
+    assert kern.sharding.spec == jax.sharding.PartitionSpec("data", "model", None)
+    with pytest.raises(ValueError, match="divisible"):
+        train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch_size=30)), TASK)
+
+
+def test_metrics_files_are_written(tmp_path):
+    import json
+
+    train(_cfg(steps=4, log_every=2, log_dir=str(tmp_path), eval_every=2), TASK)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["split"]) for x in lines] == [
+        (2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+    if pytest.importorskip("tensorboardX"):
+        assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

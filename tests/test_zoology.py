@@ -1,0 +1,152 @@
+"""Zoology MQAR: generator layout, mixers (causality, Based views, convolutions, sparse
+attention) and the harness."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.zoology import mixers
+from experiments.zoology.model import MODELS, MQARModel, ZoologyModelConfig
+from jaxattn.train.sources.mqar import IGNORE_INDEX, MQARSource, multiquery_ar
+
+
+def _src(**kw):
+    args = dict(vocab_size=128, seq_len=64, num_kv_pairs=4, num_examples=50,
+                random_non_queries=False)
+    args.update(kw)
+    return MQARSource(**args)
+
+
+def test_mqar_layout_matches_reference_structure():
+    v, seq, k = 128, 64, 4
+    inputs, labels = multiquery_ar(v, 50, seq, seed=3, num_kv_pairs=k, random_non_queries=False)
+    assert inputs.shape == labels.shape == (50, seq)
+    for x, y in zip(inputs, labels, strict=True):
+        keys, values = x[0:2 * k:2], x[1:2 * k:2]
+        assert np.all((keys >= 1) & (keys < v // 2)) and len(set(keys)) == k
+        assert np.all((values >= v // 2) & (values < v)) and len(set(values)) == k
+        pos = np.nonzero(y != IGNORE_INDEX)[0]
+        assert len(pos) == k
+        # queries sit at even offsets after the context; the target is the bound value
+        assert np.all((pos - 2 * k) % 2 == 0) and np.all(pos >= 2 * k)
+        bound = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        for p in pos:
+            assert y[p] == bound[int(x[p])]
+        # filler is token 0 when random_non_queries=False
+        rest = np.ones(seq, bool)
+        rest[:2 * k] = False
+        rest[pos] = False
+        assert np.all(x[rest] == 0)
+
+
+def test_mqar_power_law_favours_short_gaps():
+    src = _src(num_examples=400)
+    first = [np.nonzero(src[i]["labels"] != IGNORE_INDEX)[0].min() - 8 for i in range(400)]
+    gaps = np.array(first) // 2
+    # with a = 0.01, p(g) ~ g^-0.99: gap 0 is by far the most frequent first query gap
+    assert np.mean(gaps == 0) > 0.3
+
+
+def test_mqar_random_non_queries_fills_zeros():
+    x = _src(random_non_queries=True)[0]["inputs"]
+    assert np.count_nonzero(x == 0) < 10
+
+
+def test_mqar_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="exceed"):
+        _src(vocab_size=64, seq_len=64)
+    with pytest.raises(ValueError, match="even"):
+        _src(seq_len=63)
+    with pytest.raises(ValueError, match="seq_len"):
+        _src(num_kv_pairs=20)
+
+
+def test_taylor_feature_map_inner_product():
+    q, k = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    got = jnp.einsum("nf,nf->n", mixers.taylor_feature_map(q), mixers.taylor_feature_map(k))
+    dot = jnp.sum(q * k, -1)
+    want = 1 + dot / jnp.sqrt(8.0) + dot**2 / (2 * 8.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_based_quadratic_equals_linear():
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 24, 8))
+    k = jax.random.normal(kk, (2, 24, 8))
+    v = jax.random.normal(kv, (2, 24, 16))
+    np.testing.assert_allclose(mixers.based_quadratic(q, k, v), mixers.based_linear(q, k, v),
+                               rtol=2e-5, atol=2e-5)
+    # and the quadratic view is exactly normalised causal Taylor attention, written out:
+    i = 10
+    w = 1 + (k[:, : i + 1] @ q[:, i, :, None])[..., 0] / jnp.sqrt(8.0)
+    w = w + ((k[:, : i + 1] @ q[:, i, :, None])[..., 0]) ** 2 / 16.0
+    want = jnp.einsum("bj,bjd->bd", w, v[:, : i + 1]) / jnp.sum(w, -1, keepdims=True)
+    np.testing.assert_allclose(mixers.based_quadratic(q, k, v)[:, i], want, rtol=2e-5)
+
+
+def test_convolutions_match_direct_sums():
+    x = jax.random.normal(jax.random.key(2), (2, 12, 4))
+    kern = jax.random.normal(jax.random.key(3), (3, 4))
+    bias = jnp.arange(4, dtype=jnp.float32)
+    xn = np.asarray(x)
+    got = mixers.causal_short_conv(x, kern, bias)
+    want = np.zeros_like(xn) + np.asarray(bias)
+    for t in range(12):
+        for j in range(3):
+            s = t - 2 + j
+            if s >= 0:
+                want[:, t] += np.asarray(kern)[j] * xn[:, s]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    filt = jax.random.normal(jax.random.key(4), (12, 4))
+    got = mixers.fft_causal_conv(x, filt)
+    want = xn.copy()
+    for t in range(12):
+        for s in range(t + 1):
+            want[:, t] += np.asarray(filt)[s] * xn[:, t - s]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", mixers.MIXERS)
+def test_mixers_are_causal(name):
+    mixer = mixers.make_mixer(name, 16, 32, n_layers=2, dropout=0.0, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (2, 32, 16))
+    x2 = x.at[:, 20:].set(jax.random.normal(jax.random.key(6), (2, 12, 16)))
+    for det in (True, False):
+        if name == "sparse" and det:
+            continue  # eval picks top-k positions over the whole sequence (see test below)
+        y, _ = mixer(x, deterministic=det, rngs=nnx.Rngs(dropout=0))
+        y2, _ = mixer(x2, deterministic=det, rngs=nnx.Rngs(dropout=0))
+        np.testing.assert_allclose(y[:, :20], y2[:, :20], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(y[:, 20:], y2[:, 20:])
+
+
+def test_sparse_eval_attends_only_at_top_k_queries():
+    mixer = mixers.SigmoidLookupAttention(16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(7), (2, 36, 16))
+    dense, aux = mixer(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    assert aux.shape == ()
+    sparse, _ = mixer(x, deterministic=True)
+    s = jax.nn.sigmoid(mixer.gate(x))[..., 0]
+    top = np.argsort(-np.asarray(s), axis=-1)[:, :6]  # k = ceil(sqrt(36)) = 6
+    sel = np.zeros((2, 36), bool)
+    np.put_along_axis(sel, top, True, axis=-1)
+    np.testing.assert_allclose(np.asarray(sparse)[sel], np.asarray(dense)[sel], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sparse)[~sel], np.asarray(x)[~sel])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_build_and_are_causal(name):
+    cfg = ZoologyModelConfig(name=name, width=16, vocab_size=64, seq_len=32)
+    model = MQARModel(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(8), (2, 32), 0, 64)
+    h, aux = model(tokens)
+    assert h.shape == (2, 32, 16) and aux.shape == ()
+    assert model.logits(h).shape == (2, 32, 64)
+    if name != "sparse":
+        h2, _ = model(tokens.at[:, 25:].set(3))
+        np.testing.assert_allclose(h[:, :25], h2[:, :25], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tokens"):
+        model(tokens[0])
