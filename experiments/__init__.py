@@ -14,6 +14,7 @@ from types import ModuleType
 # name -> module path. Nothing in jaxattn imports this package.
 REGISTRY: dict[str, str] = {
     "zoology": "experiments.zoology.experiment",
+    "nat_digits": "experiments.nat_digits.experiment",
 }
 
 

@@ -177,7 +177,7 @@ class NATConfig:
     dims: tuple[int, ...] = (32, 64)
     depths: tuple[int, ...] = (1, 1)
     heads: tuple[int, ...] = (2, 4)
-    kernel_size: int = 3
+    kernel_size: int | tuple[int, ...] = 3  # one int for every stage, or one per stage
     dilations: tuple[int, ...] = (1, 1)
     mlp_ratio: int = 2
     use_rpb: bool = True
@@ -214,12 +214,16 @@ class NATClassifier(nnx.Module):
         self.stages = nnx.List()
         self.merges = nnx.List()
         size = c.image_size
+        kernels = c.kernel_size if isinstance(c.kernel_size, tuple) else (c.kernel_size,) * len(
+            c.dims)
+        if len(kernels) != len(c.dims):
+            raise ValueError(f"kernel_size {c.kernel_size} needs one entry per stage")
         for i, dim in enumerate(c.dims):
-            if c.kernel_size * c.dilations[i] > size:
+            if kernels[i] * c.dilations[i] > size:
                 raise ValueError(f"stage {i} at resolution {size} is too small for kernel "
-                                 f"{c.kernel_size} x dilation {c.dilations[i]}")
+                                 f"{kernels[i]} x dilation {c.dilations[i]}")
             self.stages.append(nnx.List([
-                _NATBlock(dim, c.heads[i], c.kernel_size, c.dilations[i], c.mlp_ratio,
+                _NATBlock(dim, c.heads[i], kernels[i], c.dilations[i], c.mlp_ratio,
                           c.use_rpb, rngs) for _ in range(c.depths[i])]))
             if i + 1 < len(c.dims):
                 self.merges.append(nnx.Linear(4 * dim, c.dims[i + 1], rngs=rngs))
