@@ -29,6 +29,7 @@ from jaxattn.core import neighborhood as na_ref
 from jaxattn.core import softmax as sm
 from jaxattn.ops import neighborhood_planner as planner
 from jaxattn.ops import registry
+from jaxattn.ops.attention import _fmt, _platform_of  # shared argument helpers
 
 __all__ = ["neighborhood_attention", "explain_neighborhood", "NeighborhoodCall",
            "make_neighborhood_call", "neighborhood_attention_xla", "default_q_tile",
@@ -59,19 +60,6 @@ class NeighborhoodCall:
     @property
     def dtype(self):
         return self.query.dtype
-
-
-def _fmt(x) -> str:
-    return f"shape {tuple(x.shape)} dtype {x.dtype}"
-
-
-def _platform_of(x) -> str:
-    if not isinstance(x, jax.core.Tracer) and hasattr(x, "devices"):
-        try:
-            return next(iter(x.devices())).platform
-        except Exception:  # noqa: BLE001 - deleted or abstract arrays fall through
-            pass
-    return jax.default_backend()
 
 
 def make_neighborhood_call(query, key, value, kernel_size, *, dilation=1, stride=1,
