@@ -98,6 +98,19 @@ def _print_row(r):
           f"mem/jax.nn {r['mem_ratio']:6.3f}x", flush=True)
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. Linux's VmHWM belongs to the current address space; getrusage's
+    ru_maxrss survives exec, so in a child it would include the forked parent's footprint."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _fwd_bwd_child(length: int) -> None:
     """Runs in a fresh process: causal fwd+bwd at ``length`` with N=1, prints peak RSS (MiB)."""
     shape = (1, length, 1, 64)
@@ -114,7 +127,7 @@ def _fwd_bwd_child(length: int) -> None:
     t1 = time.perf_counter()
     jax.block_until_ready(step(q, k, v))
     t2 = time.perf_counter()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss = _peak_rss_mib()
     print(json.dumps(dict(L=length, first_s=t1 - t0, second_s=t2 - t1, peak_rss_mib=rss)))
 
 
