@@ -305,3 +305,16 @@ def test_random_compositions_chunked_vs_reference(mask, t, s):
     ref = dense.attention_reference(q, k, v, mask=mask)
     out = chunked.chunked_attention(q, k, v, None, mask, block_q=8, block_kv=8)
     assert max_err(out, ref) < F32_ATOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_additive_neg_inf_bias_rows(impl):
+    """Additive masks (-inf in the bias) are common; a row masked only by the bias must give
+    zeros and finite gradients on every path, including tiles the mask metadata calls full."""
+    q, k, v = rand_inputs(19, t=8, s=8)
+    bias = jnp.zeros((1, 1, 8, 8), jnp.float32).at[:, :, 3, :].set(-jnp.inf)
+    f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, bias, implementation=impl)
+    out = f(q, k, v)
+    assert jnp.all(out[:, 3] == 0) and jnp.all(jnp.isfinite(out))
+    for g in jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v):
+        assert jnp.all(jnp.isfinite(g))
