@@ -81,7 +81,6 @@ class _Static:
     scale: float
     soft_cap: float | None
     mask_def: Any  # treedef of the mask pytree (None when there is no mask)
-    bias_shape: tuple[int, ...] | None
 
 
 def _pad_axis(x, axis, size):
@@ -396,7 +395,7 @@ def chunked_attention(
         bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)
     leaves, mask_def = jax.tree_util.tree_flatten(mask) if mask is not None else ([], None)
     leaves = [jnp.asarray(x) for x in leaves]
-    st = _Static(plan, scale, logits_soft_cap, mask_def, None if bias is None else bias.shape)
+    st = _Static(plan, scale, logits_soft_cap, mask_def)
     out, lse = _attention(st, q, k, v, bias, sinks, leaves)
     out, lse = out[:, :t], lse[:, :t]
     return (out, lse) if return_lse else out

@@ -225,7 +225,6 @@ class MultiHeadAttention(nnx.Module):
             base_mask = call_mask if base_mask is None else base_mask & call_mask
         is_causal = self.is_causal
         if decode:
-            cache_len = self.cached_key.shape[1]
             k_all = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(
                 self.cached_key.dtype), (0, offset, 0, 0))
             v_all = jax.lax.dynamic_update_slice(self.cached_value[...], v.astype(
@@ -239,7 +238,6 @@ class MultiHeadAttention(nnx.Module):
             if base_mask is not None:
                 raise ValueError("decoding supports only the causal mask (got an extra mask)")
             base_mask, is_causal = causal, False
-            del cache_len
 
         kwargs: dict[str, Any] = dict(mask=base_mask, is_causal=is_causal)
         if query_segment_ids is not None:
