@@ -99,5 +99,9 @@ def test_bad_configuration_errors():
     m = MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_cache"):
         m(jnp.ones((1, 2, 8)), decode=True)
+    m2 = MultiHeadAttention(2, 8, is_causal=True, rngs=nnx.Rngs(0))
+    m2.init_cache(1, 4)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        m2(jnp.ones((1, 5, 8)), decode=True)
     with pytest.raises(ValueError, match=r"\[B, T, 8\]"):
         m(jnp.ones((1, 2, 9)))

@@ -210,6 +210,11 @@ class MultiHeadAttention(nnx.Module):
             if not self.is_causal:
                 raise ValueError("KV-cache decoding needs is_causal=True")
             offset = self.cache_index[...]
+            if t > self.cached_key.shape[1]:
+                raise ValueError(
+                    f"decode step of {t} tokens exceeds the KV cache length "
+                    f"{self.cached_key.shape[1]}"
+                )
         if self.rope_theta is not None:
             if positions is None:
                 start = 0 if offset is None else offset
