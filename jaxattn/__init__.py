@@ -4,6 +4,7 @@ Public API (re-exports only)::
 
     jaxattn.dot_product_attention(q, k, v, mask=jaxattn.masks.CausalMask(), ...)
     jaxattn.explain(q, k, v, ...)          # which implementation runs, and why not the others
+    jaxattn.Implementation("xla_chunked", block_q=128, block_kv=256)   # a backend + tile sizes
     jaxattn.masks                          # structured masks with block metadata
     jaxattn.neighborhood_attention(q, k, v, kernel_size, ...)   # NATTEN semantics, 1D/2D/3D
     jaxattn.nn.MultiHeadAttention          # Flax NNX layer
@@ -14,10 +15,12 @@ from jaxattn import masks, parallel
 from jaxattn.ops.attention import dot_product_attention, explain
 from jaxattn.ops.neighborhood import explain_neighborhood, neighborhood_attention
 from jaxattn.ops.neighborhood_planner import plan_speedup as plan_neighborhood
+from jaxattn.ops.registry import Implementation
 
 __all__ = [
     "dot_product_attention",
     "explain",
+    "Implementation",
     "masks",
     "parallel",
     "neighborhood_attention",

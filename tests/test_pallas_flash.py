@@ -288,6 +288,19 @@ def test_dispatch_runs_pallas_under_jit_with_traced_segment_ids():
     assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
 
 
+def test_dispatch_tile_sizes_reach_the_kernel():
+    import dataclasses
+
+    q, k, v = rand_inputs(14, b=1, t=T, s=S, n=N, k=K, h=H)
+    impl = jaxattn.Implementation("pallas", block_q=16, block_kv=32)
+    out = jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    assert max_err(out, reference(q, k, v, is_causal=True)[0]) < F32_ATOL
+    call, _ = make_call(q, k, v, is_causal=True)
+    cfg = pallas_backend.flash_config_for(dataclasses.replace(call, block_q=16, block_kv=32))
+    assert (cfg.block_q, cfg.block_kv) == (16, 32)
+    assert pallas_backend.flash_config_for(call).block_q != 16  # the default differs
+
+
 def test_dispatch_refusals_and_cpu_never_auto():
     q, k, v = rand_inputs(12, b=1, t=8, s=8, n=2, k=2, h=H)
     ex = jaxattn.ops.attention.explain(q, k, v, is_causal=True)

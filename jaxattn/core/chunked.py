@@ -98,72 +98,112 @@ def _slice_axis(x, axis, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+# Internal layout. Queries (and everything indexed by query: output, LSE, dq, carries) live as
+# ``[B, K, T * G, ...]`` "rows": row ``t * G + g`` is query position ``t`` of head ``k * G + g``.
+# Keys and values live as ``[B, K, S, H]``. A query tile is then a contiguous ``[B, K, bq*G, H]``
+# slab and both tile matmuls are plain batched matmuls over ``(B, K)``: no per-tile transposes
+# (measured on CPU at L=4096: about 1.8x faster than contracting the ``[B, T, N, H]`` layout).
+
+
+def _to_rows(x, kv_heads):
+    """``[B, T, N, ...]`` -> ``[B, K, T * G, ...]``."""
+    b, t, n = x.shape[:3]
+    g = n // kv_heads
+    x = x.reshape(b, t, kv_heads, g, *x.shape[3:])
+    x = jnp.moveaxis(x, 2, 1)  # [B, K, T, G, ...]
+    return x.reshape(b, kv_heads, t * g, *x.shape[4:])
+
+
+def _from_rows(x, num_heads):
+    """``[B, K, T * G, ...]`` -> ``[B, T, N, ...]``."""
+    b, kh, tg = x.shape[:3]
+    g = num_heads // kh
+    x = x.reshape(b, kh, tg // g, g, *x.shape[3:])
+    x = jnp.moveaxis(x, 1, 2)  # [B, T, K, G, ...]
+    return x.reshape(b, tg // g, num_heads, *x.shape[4:])
+
+
+def _head_tile_to_rows(x, kv_heads, groups, bq):
+    """A ``[b, N|1, bq|1, bk|1]`` per-head tile (bias, mask) -> ``[b, K|1, bq*G|1, bk|1]``."""
+    b, n, tq, tk = x.shape
+    if n == 1 and tq == 1:
+        return x
+    if n == 1:  # same for every head: repeat each query row G times
+        return jnp.broadcast_to(x[:, :, :, None, :], (b, 1, tq, groups, tk)).reshape(
+            b, 1, tq * groups, tk)
+    x = x.reshape(b, kv_heads, groups, tq, tk)
+    x = jnp.broadcast_to(x, (b, kv_heads, groups, bq, tk))
+    return jnp.swapaxes(x, 2, 3).reshape(b, kv_heads, bq * groups, tk)
+
+
+def _rows_tile_to_heads(x, groups):
+    """``[B, K, bq*G, bk]`` -> ``[B, N, bq, bk]`` (inverse of :func:`_head_tile_to_rows`)."""
+    b, kh, rows, tk = x.shape
+    x = x.reshape(b, kh, rows // groups, groups, tk)
+    return jnp.swapaxes(x, 2, 3).reshape(b, kh * groups, rows // groups, tk)
+
+
 class _Tiles:
-    """Loads tiles and evaluates logits; shared by forward and backward."""
+    """Loads tiles and evaluates logits; shared by forward and backward.
+
+    ``q`` is in the row layout, ``k`` / ``v`` are ``[B, K, S, H]``. ``st.scale`` is the logit
+    multiplier left to apply here (1.0 when the caller folded it into ``q``).
+    """
 
     def __init__(self, st: _Static, q, k, v, bias, mask_leaves):
         self.st, self.q, self.k, self.v, self.bias = st, q, k, v, bias
         self.mask = (
             None if st.mask_def is None else jax.tree_util.tree_unflatten(st.mask_def, mask_leaves)
         )
-        self.kv_heads = k.shape[2]
-        self.groups = q.shape[2] // self.kv_heads
+        self.kv_heads = k.shape[1]
+        self.groups = q.shape[2] // (st.plan.num_tiles[0] * st.plan.block_q)
+        self.rows = st.plan.block_q * self.groups  # query rows per tile
 
     def load(self, qi, kj):
         p = self.st.plan
-        b, _, n, h = self.q.shape
-        qb = jax.lax.dynamic_slice_in_dim(self.q, qi * p.block_q, p.block_q, 1)
-        qb = qb.reshape(b, p.block_q, self.kv_heads, self.groups, h)  # [B, bq, K, G, H]
-        kb = jax.lax.dynamic_slice_in_dim(self.k, kj * p.block_kv, p.block_kv, 1)  # [B,bk,K,H]
-        vb = jax.lax.dynamic_slice_in_dim(self.v, kj * p.block_kv, p.block_kv, 1)
+        qb = jax.lax.dynamic_slice_in_dim(self.q, qi * self.rows, self.rows, 2)  # [B,K,R,H]
+        kb = jax.lax.dynamic_slice_in_dim(self.k, kj * p.block_kv, p.block_kv, 2)  # [B,K,bk,H]
+        vb = jax.lax.dynamic_slice_in_dim(self.v, kj * p.block_kv, p.block_kv, 2)
         return qb, kb, vb
 
     def bias_tile(self, qi, kj):
-        """Bias tile as ``[b, K|1, G|1, bq|1, bk|1]`` f32, or None."""
+        """Bias tile as ``[b, K|1, R|1, bk|1]`` f32, or None."""
         if self.bias is None:
             return None
         p = self.st.plan
         t = _slice_axis(self.bias, 2, qi * p.block_q, p.block_q)
         t = _slice_axis(t, 3, kj * p.block_kv, p.block_kv)
-        bb, nb = t.shape[:2]
-        if nb == 1:
-            t = t.reshape(bb, 1, 1, *t.shape[2:])
-        else:
-            t = t.reshape(bb, self.kv_heads, self.groups, *t.shape[2:])
-        return t.astype(jnp.float32)
+        return _head_tile_to_rows(t.astype(jnp.float32), self.kv_heads, self.groups, p.block_q)
 
     def allowed(self, qi, kj):
-        """Element mask ``[b, K|1, G|1, bq, bk]`` for a partial tile (padded keys masked)."""
+        """Element mask ``[b, K|1, R|1, bk]`` for a partial tile (padded keys masked)."""
         p = self.st.plan
         q_idx = qi * p.block_q + jnp.arange(p.block_q)
         k_idx = kj * p.block_kv + jnp.arange(p.block_kv)
-        ok = (k_idx < p.kv_len)[None, None, None, None, :]
+        ok = (k_idx < p.kv_len)[None, None, None, :]
         if self.mask is not None:
             m = self.mask.evaluate(q_idx, k_idx)  # [b, n, bq, bk]
-            bm, nm = m.shape[:2]
-            m = m.reshape(bm, 1, 1, *m.shape[2:]) if nm == 1 else m.reshape(
-                bm, self.kv_heads, self.groups, *m.shape[2:]
-            )
-            ok = ok & m
+            ok = ok & _head_tile_to_rows(m, self.kv_heads, self.groups, p.block_q)
         return ok
 
     def logits(self, qb, kb, qi, kj):
-        """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, G, bq, bk]."""
-        x = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-        x = x * self.st.scale
+        """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, R, bk]."""
+        x = jnp.einsum("bkrh,bksh->bkrs", qb, kb, preferred_element_type=jnp.float32)
+        if self.st.scale != 1.0:
+            x = x * self.st.scale
         bt = self.bias_tile(qi, kj)
         if bt is not None:
             x = x + bt
         return x, sm.soft_cap(x, self.st.soft_cap)
 
 
-def _rows(x, qi, bq):
-    """Slice query rows of a ``[B, K, G, Tp, ...]`` carry."""
-    return jax.lax.dynamic_slice_in_dim(x, qi * bq, bq, 3)
+def _rows(x, qi, rows):
+    """Slice a query tile's rows of a ``[B, K, Tp*G, ...]`` array."""
+    return jax.lax.dynamic_slice_in_dim(x, qi * rows, rows, 2)
 
 
-def _put_rows(x, rows, qi, bq):
-    return jax.lax.dynamic_update_slice_in_dim(x, rows, qi * bq, 3)
+def _put_rows(x, tile, qi, rows):
+    return jax.lax.dynamic_update_slice_in_dim(x, tile, qi * rows, 2)
 
 
 def _pairs(pairs):
@@ -172,18 +212,18 @@ def _pairs(pairs):
 
 
 def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
-    p = st.plan
+    """``q`` rows ``[B, K, Tp*G, H]``, ``k``/``v`` ``[B, K, Sp, H]`` -> rows out, rows lse."""
     tiles = _Tiles(st, q, k, v, bias, mask_leaves)
-    b, tp, n = q.shape[:3]
-    kh, g, hv = tiles.kv_heads, tiles.groups, v.shape[-1]
+    b, kh, tpg = q.shape[:3]
+    g, hv, r = tiles.groups, v.shape[-1], tiles.rows
     if sinks is None:
-        m0 = jnp.full((b, kh, g, tp), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((b, kh, g, tp), jnp.float32)
+        m0 = jnp.full((b, kh, tpg), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((b, kh, tpg), jnp.float32)
     else:
-        s0 = sinks.astype(jnp.float32).reshape(1, kh, g, 1)
-        m0 = jnp.broadcast_to(s0, (b, kh, g, tp))
-        l0 = jnp.ones((b, kh, g, tp), jnp.float32)
-    acc0 = jnp.zeros((b, kh, g, tp, hv), jnp.float32)
+        s0 = jnp.tile(sinks.astype(jnp.float32).reshape(1, kh, 1, g), (1, 1, tpg // g, 1))
+        m0 = jnp.broadcast_to(s0.reshape(1, kh, tpg), (b, kh, tpg))
+        l0 = jnp.ones((b, kh, tpg), jnp.float32)
+    acc0 = jnp.zeros((b, kh, tpg, hv), jnp.float32)
 
     def tile_update(m_r, l_r, acc_r, qi, kj, masked):
         qb, kb, vb = tiles.load(qi, kj)
@@ -193,41 +233,36 @@ def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
         m_new = jnp.maximum(m_r, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         alpha = jnp.exp(m_r - m_safe)
-        pr = jnp.exp(s - m_safe[..., None])  # [B, K, G, bq, bk]
+        pr = jnp.exp(s - m_safe[..., None])  # [B, K, R, bk]
         l_new = alpha * l_r + jnp.sum(pr, axis=-1)
-        pv = jnp.einsum(
-            "bkgqs,bskd->bkgqd", pr.astype(v.dtype), vb, preferred_element_type=jnp.float32
-        )
+        pv = jnp.einsum("bkrs,bksd->bkrd", pr.astype(v.dtype), vb,
+                        preferred_element_type=jnp.float32)
         return m_new, l_new, alpha[..., None] * acc_r + pv
 
     def make_body(masked):
         def body(carry, xs):
-            m, l, acc = carry
             qi, kj = xs
-            rows = (_rows(m, qi, p.block_q), _rows(l, qi, p.block_q), _rows(acc, qi, p.block_q))
-            if masked and p.dynamic:
+            rows = tuple(_rows(c, qi, r) for c in carry)
+            if masked and st.plan.dynamic:
                 visible = jnp.any(tiles.allowed(qi, kj))
                 rows = jax.lax.cond(
-                    visible, lambda r: tile_update(*r, qi, kj, True), lambda r: r, rows
+                    visible, lambda x: tile_update(*x, qi, kj, True), lambda x: x, rows
                 )
             else:
                 rows = tile_update(*rows, qi, kj, masked)
-            new = tuple(_put_rows(c, r, qi, p.block_q) for c, r in zip(carry, rows, strict=True))
-            return new, None
+            return tuple(_put_rows(c, x, qi, r) for c, x in zip(carry, rows, strict=True)), None
 
         return body
 
     carry = (m0, l0, acc0)
-    for pairs, masked in ((p.full, False), (p.partial, True)):
+    for pairs, masked in ((st.plan.full, False), (st.plan.partial, True)):
         if pairs:
             carry, _ = jax.lax.scan(make_body(masked), carry, _pairs(pairs))
     m, l, acc = carry
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse = jnp.where(l > 0, m_safe + sm.safe_log(l), -jnp.inf)  # [B, K, G, Tp]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tp, n, hv).astype(q.dtype)
-    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, tp, n)
-    return out, lse
+    lse = jnp.where(l > 0, m_safe + sm.safe_log(l), -jnp.inf)  # [B, K, Tp*G]
+    return out.astype(q.dtype), lse
 
 
 def _reduce_to(x, shape):
@@ -238,19 +273,17 @@ def _reduce_to(x, shape):
 
 
 def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dlse):
+    """Arrays in the internal layouts (see :func:`_forward`); returns grads in the same layouts."""
     p = st.plan
     tiles = _Tiles(st, q, k, v, bias, mask_leaves)
-    b, tp, n, h = q.shape
-    kh, g = tiles.kv_heads, tiles.groups
+    b, kh, tpg, h = q.shape
+    g, r = tiles.groups, tiles.rows
     hv = v.shape[-1]
     # D_i = rowsum(dO * O) - dlse_i  (the lse cotangent enters like a shift of D)
-    dvec = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tp, N]
-    dvec = dvec - dlse
-    to_kg = lambda x: jnp.transpose(x.reshape(b, tp, kh, g), (0, 2, 3, 1))  # -> [B, K, G, Tp]
-    dvec_kg, lse_kg = to_kg(dvec), to_kg(jnp.where(jnp.isfinite(lse), lse, 0.0))
-    do_kg = jnp.transpose(dout.reshape(b, tp, kh, g, hv), (0, 2, 3, 1, 4))  # [B, K, G, Tp, Hv]
+    dvec = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - dlse
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
-    dq0 = jnp.zeros((b, kh, g, tp, h), jnp.float32)
+    dq0 = jnp.zeros((b, kh, tpg, h), jnp.float32)
     dk0 = jnp.zeros(k.shape, jnp.float32)
     dv0 = jnp.zeros(v.shape, jnp.float32)
     db0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
@@ -260,23 +293,19 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
         x, s = tiles.logits(qb, kb, qi, kj)
         if masked:
             s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
-        pr = jnp.exp(s - _rows(lse_kg, qi, p.block_q)[..., None])  # [B, K, G, bq, bk]
-        do_r = _rows(do_kg, qi, p.block_q)  # [B, K, G, bq, Hv]
-        dv_t = jnp.einsum(
-            "bkgqs,bkgqd->bskd", pr.astype(v.dtype), do_r.astype(v.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        dp = jnp.einsum(
-            "bkgqd,bskd->bkgqs", do_r.astype(v.dtype), vb, preferred_element_type=jnp.float32
-        )
-        ds = pr * (dp - _rows(dvec_kg, qi, p.block_q)[..., None])
+        pr = jnp.exp(s - _rows(lse_safe, qi, r)[..., None])  # [B, K, R, bk]
+        do_r = _rows(dout, qi, r).astype(v.dtype)  # [B, K, R, Hv]
+        dv_t = jnp.einsum("bkrs,bkrd->bksd", pr.astype(v.dtype), do_r,
+                          preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkrd,bksd->bkrs", do_r, vb, preferred_element_type=jnp.float32)
+        ds = pr * (dp - _rows(dvec, qi, r)[..., None])
         dx = ds * sm.soft_cap_grad(x, st.soft_cap)  # gradient w.r.t. scale*qk + bias
-        dq_t = st.scale * jnp.einsum(
-            "bkgqs,bskh->bkgqh", dx.astype(k.dtype), kb, preferred_element_type=jnp.float32
-        )
-        dk_t = st.scale * jnp.einsum(
-            "bkgqs,bqkgh->bskh", dx.astype(q.dtype), qb, preferred_element_type=jnp.float32
-        )
+        dq_t = jnp.einsum("bkrs,bksh->bkrh", dx.astype(k.dtype), kb,
+                          preferred_element_type=jnp.float32)
+        dk_t = jnp.einsum("bkrs,bkrh->bksh", dx.astype(q.dtype), qb,
+                          preferred_element_type=jnp.float32)
+        if st.scale != 1.0:
+            dq_t, dk_t = st.scale * dq_t, st.scale * dk_t
         return dq_t, dk_t, dv_t, dx
 
     def make_body(masked):
@@ -289,25 +318,25 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
 
             if masked and p.dynamic:
                 zeros = (
-                    jnp.zeros((b, kh, g, p.block_q, h), jnp.float32),
-                    jnp.zeros((b, p.block_kv, kh, h), jnp.float32),
-                    jnp.zeros((b, p.block_kv, kh, hv), jnp.float32),
-                    jnp.zeros((b, kh, g, p.block_q, p.block_kv), jnp.float32),
+                    jnp.zeros((b, kh, r, h), jnp.float32),
+                    jnp.zeros((b, kh, p.block_kv, h), jnp.float32),
+                    jnp.zeros((b, kh, p.block_kv, hv), jnp.float32),
+                    jnp.zeros((b, kh, r, p.block_kv), jnp.float32),
                 )
                 visible = jnp.any(tiles.allowed(qi, kj))
                 dq_t, dk_t, dv_t, dx = jax.lax.cond(visible, compute, lambda _: zeros, None)
             else:
                 dq_t, dk_t, dv_t, dx = compute(None)
-            dq = _put_rows(dq, _rows(dq, qi, p.block_q) + dq_t, qi, p.block_q)
+            dq = _put_rows(dq, _rows(dq, qi, r) + dq_t, qi, r)
             k0 = kj * p.block_kv
             dk = jax.lax.dynamic_update_slice_in_dim(
-                dk, jax.lax.dynamic_slice_in_dim(dk, k0, p.block_kv, 1) + dk_t, k0, 1
+                dk, jax.lax.dynamic_slice_in_dim(dk, k0, p.block_kv, 2) + dk_t, k0, 2
             )
             dv = jax.lax.dynamic_update_slice_in_dim(
-                dv, jax.lax.dynamic_slice_in_dim(dv, k0, p.block_kv, 1) + dv_t, k0, 1
+                dv, jax.lax.dynamic_slice_in_dim(dv, k0, p.block_kv, 2) + dv_t, k0, 2
             )
             if db is not None:
-                dxt = _reduce_to(dx.reshape(b, n, p.block_q, p.block_kv), (
+                dxt = _reduce_to(_rows_tile_to_heads(dx, g), (
                     db.shape[0], db.shape[1],
                     1 if db.shape[2] == 1 else p.block_q, 1 if db.shape[3] == 1 else p.block_kv,
                 ))
@@ -324,13 +353,14 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
         if pairs:
             carry, _ = jax.lax.scan(make_body(masked), carry, _pairs(pairs))
     dq, dk, dv, db = carry
-    dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(q.shape)
     dsinks = None
     if sinks is not None:
         # d lse_i / d sink = p_sink,i ; d out_i / d sink = -p_sink,i * out_i
-        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)  # [B, Tp, N]
+        sink_rows = jnp.tile(sinks.astype(jnp.float32).reshape(1, kh, 1, g), (1, 1, tpg // g, 1))
+        p_sink = jnp.exp(sink_rows.reshape(1, kh, tpg) - lse)  # [B, K, Tp*G]
         p_sink = jnp.where(jnp.isfinite(lse), p_sink, 0.0)
-        dsinks = (-jnp.sum(p_sink * dvec, axis=(0, 1))).astype(sinks.dtype)
+        dsinks = (-jnp.sum((p_sink * dvec).reshape(b, kh, tpg // g, g), axis=(0, 2)))
+        dsinks = dsinks.reshape(kh * g).astype(sinks.dtype)
     db = None if db is None else db.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, dsinks
 
@@ -382,20 +412,26 @@ def chunked_attention(
     Returns ``[B, T, N, Hv]`` (and the f32 LSE ``[B, T, N]`` with ``return_lse``).
     """
     b, t, n, h = query.shape
-    s = key.shape[1]
+    s, kv_heads = key.shape[1], key.shape[2]
     scale = h**-0.5 if scale is None else float(scale)
     mask = masks_lib.as_mask(mask)
     plan = plan_tiles(mask, t, s, block_q, block_kv)
     nq, nk = plan.num_tiles
     tp, sp = nq * plan.block_q, nk * plan.block_kv
     q = _pad_axis(query, 1, tp)
-    k = _pad_axis(key, 1, sp)
-    v = _pad_axis(value, 1, sp)
+    if query.dtype == jnp.float32:
+        # Fold the scale into f32 queries once instead of scaling every [bq, bk] logits tile
+        # (autodiff carries it into dq). Low-precision queries keep the f32 multiply on logits.
+        q, scale = q * jnp.float32(scale), 1.0
+    q = _to_rows(q, kv_heads)  # [B, K, Tp*G, H]
+    k = jnp.swapaxes(_pad_axis(key, 1, sp), 1, 2)  # [B, K, Sp, H]
+    v = jnp.swapaxes(_pad_axis(value, 1, sp), 1, 2)
     if bias is not None:
         bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)
     leaves, mask_def = jax.tree_util.tree_flatten(mask) if mask is not None else ([], None)
     leaves = [jnp.asarray(x) for x in leaves]
     st = _Static(plan, scale, logits_soft_cap, mask_def)
     out, lse = _attention(st, q, k, v, bias, sinks, leaves)
-    out, lse = out[:, :t], lse[:, :t]
+    out = _from_rows(out, n)[:, :t]
+    lse = _from_rows(lse, n)[:, :t]
     return (out, lse) if return_lse else out

@@ -3,10 +3,12 @@
 from jaxattn.ops import registry
 from jaxattn.ops.attention import dot_product_attention, explain
 from jaxattn.ops.neighborhood import explain_neighborhood, neighborhood_attention
+from jaxattn.ops.registry import Implementation
 
 __all__ = [
     "dot_product_attention",
     "explain",
+    "Implementation",
     "registry",
     "neighborhood_attention",
     "explain_neighborhood",

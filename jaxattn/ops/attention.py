@@ -42,6 +42,8 @@ class AttentionCall:
     dropout_rng: Any
     return_lse: bool
     platform: str
+    block_q: int | None = None  # tile sizes from ``Implementation``; None = the backend default
+    block_kv: int | None = None
 
     @property
     def shape(self) -> dict[str, int]:
@@ -221,6 +223,8 @@ def _run_chunked(c: AttentionCall):
     return chunked_lib.chunked_attention(
         c.query, c.key, c.value, c.bias, c.full_mask, scale=c.scale,
         logits_soft_cap=c.logits_soft_cap, sinks=c.sinks, return_lse=True,
+        block_q=c.block_q or chunked_lib.DEFAULT_BLOCK_Q,
+        block_kv=c.block_kv or chunked_lib.DEFAULT_BLOCK_KV,
     )
 
 
@@ -274,7 +278,7 @@ def _run_cudnn(c: AttentionCall):
 registry.register(PRIMITIVE, registry.Backend(
     "reference", _run_reference, supports=lambda c: None, priority=0))
 registry.register(PRIMITIVE, registry.Backend(
-    "xla_chunked", _run_chunked, supports=_chunked_supports, priority=10))
+    "xla_chunked", _run_chunked, supports=_chunked_supports, priority=10, tiled=True))
 # No length heuristic between the two XLA paths: benchmarks/attention_cpu.py measured xla_chunked
 # faster than the reference already at L=512 on CPU (one tile), and it never needs [T, S] memory.
 registry.register(PRIMITIVE, registry.Backend(
@@ -300,7 +304,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_lse: bool = False,
-    implementation: str | None = None,
+    implementation: str | registry.Implementation | None = None,
 ):
     """Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", 2017).
 
@@ -327,6 +331,8 @@ def dot_product_attention(
       implementation: ``"reference"``, ``"xla_chunked"``, ``"cudnn"`` (and any registered later,
         e.g. ``"pallas"``), or ``None`` for the best that can run this call here.
         :func:`explain` tells which one ``None`` picks and why the others were refused.
+        ``jaxattn.Implementation("xla_chunked", block_q=128, block_kv=256)`` names a tiled
+        backend with explicit tile sizes (memory/speed trade-off).
 
     Returns:
       ``[B, T, N, Hv]`` in the inputs' dtype, and with ``return_lse`` also ``[B, T, N]``. A query
@@ -342,7 +348,10 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap, sinks=sinks, dropout_rate=dropout_rate,
         dropout_rng=dropout_rng, return_lse=return_lse,
     )
-    backend = registry.choose(PRIMITIVE, call, implementation)
+    impl = registry.as_implementation(implementation)
+    if impl is not None and impl.has_tiles:
+        call = dataclasses.replace(call, block_q=impl.block_q, block_kv=impl.block_kv)
+    backend = registry.choose(PRIMITIVE, call, impl)
     out, lse = backend.run(call)
     if squeezed:
         out = out[0]

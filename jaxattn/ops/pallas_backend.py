@@ -46,7 +46,9 @@ def _block(length: int, cap: int = DEFAULT_BLOCK) -> int:
 
 def flash_config_for(call: AttentionCall, block_q: int | None = None,
                      block_kv: int | None = None) -> flash.FlashConfig:
-    """The kernel config used for ``call`` (block sizes default to :func:`_block`)."""
+    """The kernel config used for ``call`` (block sizes: the arguments, else the call's
+    ``Implementation`` tile sizes, else :func:`_block`)."""
+    block_q, block_kv = block_q or call.block_q, block_kv or call.block_kv
     d = call.shape
     return flash.FlashConfig(
         block_q=block_q or _block(d["T"]), block_kv=block_kv or _block(d["S"]),
@@ -147,4 +149,4 @@ def run(call: AttentionCall, block_q: int | None = None, block_kv: int | None = 
 
 
 registry.register(PRIMITIVE, registry.Backend(
-    "pallas", run, supports=supports, prefer=prefer, priority=20))
+    "pallas", run, supports=supports, prefer=prefer, priority=20, tiled=True))

@@ -20,7 +20,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Backend", "Explanation", "register", "backends", "choose", "explain"]
+__all__ = [
+    "Backend", "Explanation", "Implementation", "register", "backends", "choose", "explain",
+    "as_implementation",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,46 @@ class Backend:
     supports: Callable[[Any], str | None]
     prefer: Callable[[Any], str | None] = lambda call: None
     priority: int = 0  # higher runs first when choosing automatically
+    tiled: bool = False  # takes tile sizes from ``Implementation(name, block_q, block_kv)``
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A backend name plus tile sizes: ``implementation=Implementation("xla_chunked", 128, 256)``.
+
+    For tiled backends (``"xla_chunked"``, ``"pallas"``): ``block_q`` / ``block_kv`` override
+    the backend's default tile sizes (``None`` keeps the default). Hashable, so it can be a static
+    argument of ``jax.jit`` and travel inside ``shard_map``'d code (e.g. the per-hop attention of
+    ring context parallelism). A plain string is the same as ``Implementation(name)``.
+    """
+
+    name: str
+    block_q: int | None = None
+    block_kv: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"Implementation.name must be a str, got {self.name!r}")
+        for what in ("block_q", "block_kv"):
+            v = getattr(self, what)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"Implementation.{what} must be a positive int or None, got {v!r}")
+
+    @property
+    def has_tiles(self) -> bool:
+        return self.block_q is not None or self.block_kv is not None
+
+
+def as_implementation(implementation) -> Implementation | None:
+    """``None`` | ``str`` | :class:`Implementation` -> ``Implementation | None``."""
+    if implementation is None or isinstance(implementation, Implementation):
+        return implementation
+    if isinstance(implementation, str):
+        return Implementation(implementation)
+    raise TypeError(
+        "implementation must be None, a backend name or jaxattn.Implementation(name, block_q, "
+        f"block_kv); got {type(implementation).__name__}"
+    )
 
 
 _TABLE: dict[str, dict[str, Backend]] = {}
@@ -83,9 +126,21 @@ def _verdicts(primitive: str, call) -> tuple[dict[str, str | None], str | None]:
     return verdicts, chosen or fallback
 
 
-def choose(primitive: str, call, implementation: str | None) -> Backend:
-    """Pick the backend for ``call``; raise ``ValueError`` with the reason when impossible."""
+def choose(primitive: str, call, implementation: str | Implementation | None) -> Backend:
+    """Pick the backend for ``call``; raise ``ValueError`` with the reason when impossible.
+
+    An :class:`Implementation` with tile sizes may only name a tiled backend.
+    """
     table = _TABLE.get(primitive, {})
+    impl = as_implementation(implementation)
+    implementation = None if impl is None else impl.name
+    if impl is not None and impl.has_tiles and implementation in table:
+        if not table[implementation].tiled:
+            tiled = sorted(n for n, b in table.items() if b.tiled)
+            raise ValueError(
+                f"implementation {implementation!r} has no tiles, so block_q/block_kv do not "
+                f"apply; tiled implementations: {tiled}"
+            )
     if implementation is not None:
         if implementation not in table:
             raise ValueError(
