@@ -7,6 +7,7 @@ per-device estimate (``compiled.memory_analysis()``: arguments + outputs + tempo
 so it needs no run; time is the median of ``--repeats`` runs after one warm-up.
 
     python benchmarks/context_parallel.py --length 8192 --heads 8 --head-dim 64
+    python benchmarks/context_parallel.py --length 16384 --memory-only --tiles 128,128
 
 Prints one markdown table row per configuration with the ratio to the unsharded dense reference
 and to the unsharded chunked (memory-efficient) computation, and the max |error| against the
@@ -35,6 +36,8 @@ def _parse():
     p.add_argument("--strategies", default="all_gather,ring,ring+zigzag,ulysses")
     p.add_argument("--skip-time", action="store_true", help="memory and error only")
     p.add_argument("--memory-only", action="store_true", help="compile only: no run, no error")
+    p.add_argument("--tiles", default=None, metavar="BQ,BKV",
+                   help="tile sizes of the per-device xla_chunked call (default: its defaults)")
     return p.parse_args()
 
 
@@ -127,11 +130,16 @@ def main():
             ("unsharded xla_chunked", chunk_mem, chunk_t, max_err(chunk_out, dense_out))]
     mesh = make_mesh(context=ndev)
     seq = NamedSharding(mesh, P(None, "context"))
+    local = "xla_chunked"
+    if a.tiles:
+        bq, bk = (int(x) for x in a.tiles.split(","))
+        local = jaxattn.Implementation("xla_chunked", block_q=bq, block_kv=bk)
+        print(f"# per-device attention: {local}")
     for name in a.strategies.split(","):
         strategy, _, lb = name.partition("+")
         attn = lambda q, k, v, s=strategy, lb=lb or None: context_parallel_attention(
             q, k, v, mesh=mesh, strategy=s, is_causal=causal, load_balance=lb,
-            implementation="xla_chunked")
+            implementation=local)
         mem, t, out = measure(make_fn(attn, a.mode), args, in_shardings=(seq,) * len(args))
         rows.append((f"{name} (context={ndev})", mem, t, max_err(out, dense_out)))
     for label, mem, t, err in rows:

@@ -141,17 +141,27 @@ def test_ring_cross_attention_sinks_and_traced_mask():
         np.testing.assert_allclose(a, b, atol=F32_GRAD_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
-def test_bias(strategy):
+@pytest.mark.parametrize("strategy", ["all_gather", "ring", "ulysses"])
+@pytest.mark.parametrize("bias_shape", [(1, 4, 32, 32), (2, 1, 1, 32)], ids=["full", "keys"])
+def test_bias_and_dbias(strategy, bias_shape):
     mesh = make_mesh(data=2, context=4)
     q, k, v = rand_inputs(seed=5, b=2, t=32, s=32, n=4, k=2, h=8)
-    bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 4, 32, 32)), jnp.float32)
+    bias = jnp.asarray(np.random.default_rng(6).normal(size=bias_shape), jnp.float32)
+    balance = None if strategy == "ulysses" else "zigzag"
     attn = functools.partial(context_parallel_attention, mesh=mesh, strategy=strategy,
-                             load_balance="zigzag" if strategy == "all_gather" else None)
-    got = jax.jit(lambda q, k, v, bias: attn(q, k, v, bias, is_causal=True))(q, k, v, bias)
-    want = jaxattn.dot_product_attention(q, k, v, bias, is_causal=True,
-                                         implementation="reference")
-    np.testing.assert_allclose(got, want, atol=F32_ATOL, rtol=0)
+                             load_balance=balance)
+    ref = functools.partial(jaxattn.dot_product_attention, implementation="reference")
+    w = jax.random.normal(jax.random.key(3), (2, 32, 4, 8), jnp.float32)
+
+    def value_and_grads(fn):
+        loss = lambda *a: jnp.sum(fn(*a, is_causal=True) * w)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+    (got, g), (want, g_r) = value_and_grads(attn), value_and_grads(ref)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-6)  # a sum over 1024 outputs
+    for a, b in zip(g, g_r, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=F32_GRAD_ATOL, rtol=0)
 
 
 def test_output_is_sequence_sharded():
@@ -241,9 +251,6 @@ def test_errors():
         context_parallel_attention(q, k, v, mesh=mesh, strategy="tree")
     with pytest.raises(ValueError, match="not a mesh axis"):
         context_parallel_attention(q, k, v, mesh=mesh, axis="sequence")
-    with pytest.raises(ValueError, match="does not take a bias"):
-        context_parallel_attention(q, k, v, jnp.zeros((1, 1, 12, 12)), mesh=mesh,
-                                   strategy="ring")
     with pytest.raises(ValueError, match="load_balance must be one of"):
         context_parallel_attention(q, k, v, mesh=mesh, load_balance="random")
 
@@ -257,6 +264,33 @@ def test_ring_bf16_within_budget():
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     want = jaxattn.dot_product_attention(*f32, is_causal=True, implementation="reference")
     assert max_err(out, want) <= bf16_budget(q, k, v, mask=M.CausalMask())
+
+
+@pytest.mark.parametrize("strategy,balance", [("all_gather", None), ("all_gather", "zigzag"),
+                                              ("ulysses", None)])
+def test_all_gather_and_ulysses_run_the_pallas_kernel(strategy, balance):
+    """A static global mask gives each device a static local mask, so Pallas (interpreted on
+    CPU) runs inside all_gather (one branch per distinct device pattern) and Ulysses."""
+    pytest.importorskip("pallas_kernels")
+    import jaxattn.ops.pallas_backend  # noqa: F401  (registers implementation="pallas")
+
+    mesh = make_mesh(data=2, context=4)
+    q, k, v = rand_inputs(seed=12, b=2, t=32, s=32, n=4, k=2, h=8)
+    attn = functools.partial(context_parallel_attention, mesh=mesh, strategy=strategy,
+                             load_balance=balance, implementation="pallas")
+    _check(attn, q, k, v, mask=M.LocalMask((6, 0)), query_segment_ids=_segments(2, 32))
+
+
+def test_all_gather_static_device_masks():
+    """Natural-order causal all_gather: device i's queries [8i, 8i+8) see keys < 8i + 8 only."""
+    q_perm = layout.sequence_permutation(32, 4, None)
+    kinds, masks = layout.static_device_masks(M.CausalMask(), q_perm, q_perm, 4, 3)
+    assert kinds[:, 0].tolist() == [3, 4, 5, 6] and len(masks) == 4
+    dense = np.asarray(masks[2].evaluate(np.arange(8), np.arange(32)))[0, 0]
+    np.testing.assert_array_equal(dense, np.arange(32)[None, :] <= np.arange(16, 24)[:, None])
+    full = layout.static_device_masks(M.FullMask(), q_perm, q_perm, 4, 3)
+    assert full[0][:, 0].tolist() == [3, 3, 3, 3] and len(full[1]) == 1  # shared pattern
+    assert layout.static_device_masks(None, q_perm, q_perm, 4, 3) is None
 
 
 def test_ring_runs_the_pallas_kernel_per_device():

@@ -38,6 +38,7 @@ from jaxattn.parallel.ring import (
     STATIC_BASE,
     RingStatic,
     attend,
+    dispatch_kind,
     local_mask,
     ring_attention_local,
 )
@@ -135,7 +136,9 @@ def context_parallel_attention(
 
     Args:
       query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Hv]``; ``N % K == 0``.
-      bias: additive bias broadcastable to ``[B, N, T, S]`` (all_gather and ulysses only).
+      bias: additive bias broadcastable to ``[B, N, T, S]`` (differentiable). Each device holds
+        its query rows against every key (``[B, N, T/P, S]``; ring hops slice the columns of the
+        block they hold), so a full bias costs ``O(T S / P)`` memory per device.
       mask: a :class:`jaxattn.masks.Mask` (evaluated at global positions) or boolean array.
       mesh: the ``jax.sharding.Mesh``; ``axis``: the mesh axis to split the sequence over.
       strategy: ``"all_gather"``, ``"ring"`` or ``"ulysses"`` (see the module docstring).
@@ -159,7 +162,7 @@ def context_parallel_attention(
 
     Raises:
       ValueError: lengths not divisible by the axis size (by twice it for zigzag), heads not
-        divisible for Ulysses, unknown strategy / axis, dropout, bias with ring.
+        divisible for Ulysses, unknown strategy / axis, dropout.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -176,9 +179,6 @@ def context_parallel_attention(
     )
     if isinstance(call.scale, jax.core.Tracer):
         raise TypeError("scale must be a Python number for context_parallel_attention")
-    if strategy == "ring" and call.bias is not None:
-        raise ValueError("strategy='ring' does not take a bias; use a mask, or 'all_gather' / "
-                         "'ulysses'")
     q, k, v = call.query, call.key, call.value
     b, t, n, _ = q.shape
     s = k.shape[1]
@@ -276,23 +276,36 @@ def context_parallel_attention(
         st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
                       partial_masks=partial_masks)
 
-        def body(q, k, v, qp, kp, qs, ks, leaves):
+        bias_args, bias_spec = [], []
+        if bias is not None:  # local query rows against every key; hops slice their columns
+            bias_args, bias_spec = [bias], [_rows_spec(bias, bspec, hspec, axis)]
+
+        def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
             q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
-            out, lse = ring_attention_local(st, q, k, v, qp, kp, qs, ks, leaves)
+            bl = bias_local[0] if bias_local else None
+            out, lse = ring_attention_local(st, q, k, v, qp, kp, qs, ks, leaves, bl)
             return relayout_out(out, lse)
 
         fn = _shard_map(body, mesh,
                         in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
-                                  seg_spec, [P()] * len(leaves)),
+                                  seg_spec, [P()] * len(leaves), *bias_spec),
                         out_specs=(qkv_spec, P(bspec, axis, hspec)))
-        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves)
+        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
+                      *bias_args)
     else:
+        if strategy == "all_gather" and st.head_axis is None and not st.batch_axes:
+            # A static global mask gives every device a static local mask (one compiled branch
+            # per distinct pattern): compile-time tile skipping, and Pallas can run it.
+            per_device = layout.static_device_masks(static_mask, q_perm, kv_perm, p, STATIC_BASE)
+            if per_device is not None:
+                kinds, partial_masks = per_device
+                st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
+                              partial_masks=partial_masks)
         bias_args, bias_spec = [], []
         if bias is not None:
             bias_b = bspec if bias.shape[0] > 1 else None
             if strategy == "all_gather":
-                bias_spec = [P(bias_b, hspec if bias.shape[1] > 1 else None,
-                               axis if bias.shape[2] > 1 else None, None)]
+                bias_spec = [_rows_spec(bias, bspec, hspec, axis)]
             else:
                 heads = _spec_axes(tuple(a for a in (head_ax, axis) if a))
                 bias_spec = [P(bias_b, heads if bias.shape[1] > 1 else None, None, None)]
@@ -323,6 +336,12 @@ def context_parallel_attention(
     return (out, lse) if return_lse else out
 
 
+def _rows_spec(bias, bspec, hspec, axis):
+    """Bias sharding for strategies that keep queries local: rows over ``axis``, all keys."""
+    return P(bspec if bias.shape[0] > 1 else None, hspec if bias.shape[1] > 1 else None,
+             axis if bias.shape[2] > 1 else None, None)
+
+
 def _replace(st, **kw):
     return dataclasses.replace(st, **kw)
 
@@ -344,6 +363,10 @@ def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n
     gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
     k, v, kv_pos = gather(k, 1), gather(v, 1), gather(kv_pos, 0)
     kv_seg = None if kv_seg is None else gather(kv_seg, 1)
+    if st.partial_masks:  # static per-device masks (see static_device_masks)
+        fns = {kind: (lambda m: lambda *a: attend(st, *a[:3], m, *a[3:]))(
+            local_mask(st, kind, None, None, leaves)) for kind in {r[0] for r in st.kinds}}
+        return dispatch_kind(st, 0, fns, (q, k, v, q_seg, kv_seg, bias))
     mask = local_mask(st, masks_lib.PARTIAL, q_pos, kv_pos, leaves)
     return attend(st, q, k, v, mask, q_seg, kv_seg, bias)
 

@@ -340,3 +340,40 @@ def static_partial_masks(
             masks.append(local)
         out[i, h] = static_base + seen[key]
     return out, tuple(masks)
+
+
+def static_device_masks(
+    mask: masks_lib.Mask | None,
+    q_perm: np.ndarray,
+    kv_perm: np.ndarray,
+    num_shards: int,
+    static_base: int,
+):
+    """All-gather context parallelism: a *static* mask for each device's queries against the
+    gathered keys (which arrive in ``kv_perm`` order).
+
+    Returns ``(kinds [P, 1], masks)`` in the encoding of :func:`static_partial_masks` (entry
+    ``static_base + m`` = ``masks[m]``, identical patterns shared), or ``None`` when the mask is
+    absent, holds traced arrays, or the host evaluation would exceed the budget.
+    """
+    static = None if mask is None else mask.static()
+    if static is None:
+        return None
+    p = num_shards
+    tl = q_perm.shape[0] // p
+    if tl * kv_perm.shape[0] * p > _MAX_STATIC_ELEMENTS:
+        return None
+    kp = kv_perm.astype(np.int32)
+    kinds = np.zeros((p, 1), np.int32)
+    masks: list = []
+    seen: dict[bytes, int] = {}
+    for i in range(p):
+        local = AtPositions(static, q_perm[i * tl:(i + 1) * tl].astype(np.int32), kp)
+        pattern = np.asarray(local.evaluate(np.arange(tl), np.arange(kp.shape[0])))
+        key = np.packbits(pattern).tobytes() + str(pattern.shape).encode()
+        if key not in seen:
+            seen[key] = len(masks)
+            masks.append(local)
+        kinds[i, 0] = static_base + seen[key]
+    return kinds, tuple(masks)
+

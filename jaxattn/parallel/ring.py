@@ -111,7 +111,7 @@ def _shift(xs, axis, size, by):
     return jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, axis, perm), xs)
 
 
-def _dispatch(st: RingStatic, h, fns: dict, operands):
+def dispatch_kind(st: RingStatic, h, fns: dict, operands):
     """Run ``fns[kind]`` for this device's block kind at hop ``h`` (a traced loop index).
 
     Only the kinds that occur somewhere in the table get a branch; with a single kind there is
@@ -143,16 +143,25 @@ def _hops(st: RingStatic, step, carry, block):
     return carry
 
 
-def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves):
+def _bias_block(st: RingStatic, bias, h, kv_len):
+    """Columns of the local bias rows ``[Bb, Nb, Tl|1, S|1]`` for the kv block held at hop ``h``
+    (it came from device ``(d - h) mod P``; columns are in the sharded kv order)."""
+    if bias is None or bias.shape[3] == 1:
+        return bias
+    src = (jax.lax.axis_index(st.axis) - h) % st.axis_size
+    return jax.lax.dynamic_slice_in_dim(bias, src * kv_len, kv_len, 3)
+
+
+def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
     b, t, n, _ = q.shape
     hv = v.shape[-1]
     out = jnp.zeros((b, t, n, hv), jnp.float32)
     lse = jnp.full((b, t, n), -jnp.inf, jnp.float32)  # running merged result
 
     def run(kind):
-        def fn(k_, v_, kv_pos_, kv_seg_):
+        def fn(k_, v_, kv_pos_, kv_seg_, bias_):
             mask = local_mask(st, kind, q_pos, kv_pos_, leaves)
-            o, l = attend(st, q, k_, v_, mask, q_seg, kv_seg_)
+            o, l = attend(st, q, k_, v_, mask, q_seg, kv_seg_, bias_)
             return o.astype(jnp.float32), l
 
         return fn
@@ -164,7 +173,7 @@ def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves):
 
     def step(h, carry, block, _):
         out, lse = carry
-        o_h, l_h = _dispatch(st, h, fns, block)
+        o_h, l_h = dispatch_kind(st, h, fns, (*block, _bias_block(st, bias, h, k.shape[1])))
         # online LSE merge of the running result with this hop's partial result
         m = jnp.maximum(lse, l_h)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -180,23 +189,26 @@ def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_attention_local(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves):
+def ring_attention_local(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves,
+                         bias=None):
     """Per-device ring attention (call inside ``shard_map`` over ``st.axis``).
 
     Shapes (local): ``q [B, Tl, N, H]``, ``k, v [B, Sl, K, H|Hv]``, ``q_pos [Tl]``,
     ``kv_pos [Sl]`` (global positions), ``q_seg [B, Tl]`` / ``kv_seg [B, Sl]`` or None, ``leaves``
-    the global mask's array leaves. Returns ``out [B, Tl, N, Hv]`` and f32 ``lse [B, Tl, N]``.
+    the global mask's array leaves, ``bias`` None or this device's query rows of the additive
+    bias against every key, ``[B|1, N|1, Tl|1, S|1]`` (key columns in the sharded kv order; it
+    gets ``dbias``). Returns ``out [B, Tl, N, Hv]`` and f32 ``lse [B, Tl, N]``.
     """
-    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves)
+    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias)
 
 
-def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves):
-    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, out, lse)
+def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
+    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, out, lse)
 
 
 def _ring_bwd(st, res, cts):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, out, lse = res
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, out, lse = res
     dout, dlse = cts
     dout = dout.astype(jnp.float32)
     dlse = dlse.astype(jnp.float32)
@@ -205,37 +217,51 @@ def _ring_bwd(st, res, cts):
     do_o = jnp.sum(dout * out.astype(jnp.float32), axis=-1)
 
     def grads(kind):
-        def fn(k_, v_, kv_pos_, kv_seg_):
+        def fn(k_, v_, kv_pos_, kv_seg_, bias_):
             mask = local_mask(st, kind, q_pos, kv_pos_, leaves)
             (o_h, l_h), vjp = jax.vjp(
-                lambda a, b_, c: attend(st, a, b_, c, mask, q_seg, kv_seg_), q, k_, v_)
+                lambda a, b_, c, d: attend(st, a, b_, c, mask, q_seg, kv_seg_, d),
+                q, k_, v_, bias_)
             w = jnp.where(jnp.isfinite(l_h), jnp.exp(l_h - lse_safe), 0.0)  # [B, Tl, N]
             do_h = (w[..., None] * dout).astype(o_h.dtype)
             dl_h = w * (jnp.sum(dout * o_h.astype(jnp.float32), axis=-1) - do_o + dlse)
-            dq, dk, dv = vjp((do_h, dl_h))
-            return (dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32))
+            dq, dk, dv, db = vjp((do_h, dl_h))
+            f32 = lambda x: None if x is None else x.astype(jnp.float32)
+            return f32(dq), f32(dk), f32(dv), f32(db)
 
         return fn
 
-    def empty(k_, v_, *_):
-        return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_.shape, jnp.float32),
-                jnp.zeros(v_.shape, jnp.float32))
+    def empty(k_, v_, kv_pos_, kv_seg_, bias_):
+        zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+        return zeros(q), zeros(k_), zeros(v_), zeros(bias_)
 
     fns = {c: (empty if c == masks_lib.EMPTY else grads(c)) for row in st.kinds for c in row}
+    kv_len = k.shape[1]
+    split = bias is not None and bias.shape[3] > 1  # dbias columns land in the hop's block
+
     def step(h, carry, block, rotating):
-        dq, dk, dv = carry
-        dq_h, dk_h, dv_h = _dispatch(st, h, fns, block)
+        dq, dk, dv, db = carry
+        dq_h, dk_h, dv_h, db_h = dispatch_kind(st, h, fns, (*block, _bias_block(st, bias, h,
+                                                                                  kv_len)))
         dq, dk, dv = dq + dq_h, dk + dk_h, dv + dv_h
+        if db is not None and split:
+            src = (jax.lax.axis_index(st.axis) - h) % st.axis_size
+            cur = jax.lax.dynamic_slice_in_dim(db, src * kv_len, kv_len, 3)
+            db = jax.lax.dynamic_update_slice_in_dim(db, cur + db_h, src * kv_len, 3)
+        elif db is not None:
+            db = db + db_h
         if rotating:  # dK/dV accumulators travel with their block
             dk, dv = _shift((dk, dv), st.axis, st.axis_size, 1)
-        return dq, dk, dv
+        return dq, dk, dv, db
 
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-    dq, dk, dv = _hops(st, step, (zeros(q), zeros(k), zeros(v)), (k, v, kv_pos, kv_seg))
+    zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+    dq, dk, dv, db = _hops(st, step, (zeros(q), zeros(k), zeros(v), zeros(bias)),
+                           (k, v, kv_pos, kv_seg))
     if st.num_hops > 1:  # after h shifts the accumulators sit h devices on: send them home
         dk, dv = _shift((dk, dv), st.axis, st.axis_size, -st.num_hops)
     none = jax.tree_util.tree_map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg, leaves))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none)
+    db = None if db is None else db.astype(bias.dtype)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none, db)
 
 
 ring_attention_local.defvjp(_ring_fwd, _ring_bwd)
