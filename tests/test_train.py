@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxattn import parallel
 from jaxattn.nn import MultiHeadAttention
 from jaxattn.train import (
     ExperimentConfig,
@@ -18,8 +19,10 @@ from jaxattn.train import (
     RunConfig,
     Task,
     apply_overrides,
+    batch_sharding,
     make_mesh,
     make_schedule,
+    mesh_rules,
     param_shardings,
     train,
 )
@@ -84,11 +87,11 @@ def test_overrides_are_typed():
     cfg = ExperimentConfig(model=_Inner(), data=None)
     out = apply_overrides(cfg, ["model.widths=8,16,32", "model.flag=true", "model.clip=none",
                                 "optim.learning_rate=3e-3", "run.steps=7", "model.name=abc",
-                                "model.pair=(3, 0.5)", "mesh.rules=(embed,data),(mlp,model)"])
+                                "model.pair=(3, 0.5)", "mesh.rules=(embed,data),(mlp,tensor)"])
     assert out.model.widths == (8, 16, 32) and out.model.flag is True and out.model.clip is None
     assert out.optim.learning_rate == 3e-3 and out.run.steps == 7 and out.model.name == "abc"
     assert out.model.pair == (3, 0.5)
-    assert out.mesh.rules == (("embed", "data"), ("mlp", "model"))
+    assert out.mesh.rules == (("embed", "data"), ("mlp", "tensor"))
     assert cfg.run.steps == RunConfig().steps  # frozen: the original is unchanged
     for bad, msg in [("run.steps=1.5", "int"), ("run.stepz=1", "unknown field"),
                      ("model.flag=maybe", "boolean"), ("run.steps", "key=value"),
@@ -155,22 +158,49 @@ def test_bf16_policy_keeps_f32_params():
 
 
 def test_rules_shard_parameters_over_the_mesh():
-    mesh = make_mesh(MeshConfig(data=4, model=2))
-    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    mesh = make_mesh(MeshConfig(data=4, tensor=2))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2, "context": 1}
     model = TinyNet(nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    sh = param_shardings(params, mesh, (("embed", "data"), ("heads", "model")))
+    rules = mesh_rules(MeshConfig(rules=(("embed", "data"),)))
+    sh = param_shardings(params, mesh, rules)
     q = sh["attn"]["query_kernel"]  # logical (embed, heads, head_dim), shape (16, 2, 8)
-    assert q.spec == jax.sharding.PartitionSpec("data", "model", None)
+    assert q.spec == jax.sharding.PartitionSpec("data", "tensor", None)  # heads: default rule
     assert all(a is None for a in sh["inp"]["kernel"].spec)  # nnx.Linear: no names
     cfg = dataclasses.replace(_cfg(steps=2, batch_size=32),
-                              mesh=MeshConfig(data=4, model=2,
-                                              rules=(("embed", "data"), ("heads", "model"))))
+                              mesh=MeshConfig(data=4, tensor=2, rules=(("embed", "data"),)))
     res = train(cfg, TASK)
     kern = nnx.state(res.model, nnx.Param)["attn"]["query_kernel"][...]
-    assert kern.sharding.spec == jax.sharding.PartitionSpec("data", "model", None)
+    assert kern.sharding.spec == jax.sharding.PartitionSpec("data", "tensor", None)
     with pytest.raises(ValueError, match="divisible"):
         train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch_size=30)), TASK)
+
+
+def test_fsdp_mesh_uses_the_default_rules_and_matches_data_parallel():
+    """fsdp=4: weights' embed axis and the batch over fsdp (jaxattn.parallel.DEFAULT_RULES), the
+    steps traced under axis_rules; the trajectory equals the pure data-parallel run."""
+    base = _cfg(steps=3, batch_size=32)
+    fsdp = dataclasses.replace(base, mesh=MeshConfig(data=2, fsdp=4))
+    assert batch_sharding(make_mesh(fsdp.mesh), mesh_rules(fsdp.mesh)).spec == \
+        jax.sharding.PartitionSpec(("data", "fsdp"))
+    traced_rules = []
+
+    def loss(model, batch, rngs):  # records the rules active while the step is traced
+        traced_rules.append(parallel.current_rules())
+        return _loss(model, batch, rngs)
+
+    res_f = train(fsdp, dataclasses.replace(TASK, loss_fn=loss))
+    res_d = train(base, TASK)
+    assert traced_rules and traced_rules[0][0] == mesh_rules(fsdp.mesh)
+    assert dict(traced_rules[0][1].shape)["fsdp"] == 4
+    kern = nnx.state(res_f.model, nnx.Param)["attn"]["query_kernel"][...]
+    assert kern.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    # Losses, not parameters: Adam's first steps are ~lr * sign(g), so parameters whose gradient
+    # is at rounding level may move differently under another reduction order.
+    losses = lambda r: [h["loss"] for h in r.history if h["split"] == "train"]
+    assert len(losses(res_f)) == 3
+    np.testing.assert_allclose(losses(res_f), losses(res_d), rtol=1e-4)
+    assert parallel.current_rules() is None  # only active while tracing
 
 
 def test_metrics_files_are_written(tmp_path):

@@ -44,12 +44,18 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. ``data=-1`` uses all devices left over after ``model``. ``rules`` maps the
-    logical axis names on parameters (``embed``, ``heads``, ``mlp`` ...) to mesh axes; names
-    without a rule are replicated. The default is pure data parallelism."""
+    """Device mesh over :mod:`jaxattn.parallel`'s axes ``data``, ``fsdp``, ``tensor`` and
+    ``context``; one size may be ``-1`` (the devices left over; by default ``data``, i.e. pure
+    data parallelism). ``rules`` are ``(logical_name, mesh_axis)`` pairs placed in front of
+    ``jaxattn.parallel.DEFAULT_RULES`` (the first rule for a name wins), so the defaults already
+    give FSDP when ``fsdp > 1`` (weights' ``embed`` and the batch over ``fsdp``) and tensor
+    parallelism when ``tensor > 1``. Parameters whose logical names have no rule, and
+    unannotated parameters, are replicated."""
 
     data: int = -1
-    model: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
     rules: tuple[tuple[str, str], ...] = ()
 
 

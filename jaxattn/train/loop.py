@@ -2,15 +2,19 @@
 
 The model is split once (``nnx.split`` into ``graphdef``, parameters and the remaining state);
 ``train_step`` and ``eval_step`` are pure functions of arrays, compiled with ``jax.jit`` and
-explicit input/output ``NamedSharding``s over a device mesh (data parallel by default; a
-``MeshConfig.rules`` table maps the parameters' logical axis names to mesh axes for FSDP or
-tensor parallelism). The batch of step ``s`` is ``train_dataset[s]`` and the dropout key is
-``fold_in(key, s)``, so a run restored from a checkpoint continues bit-for-bit.
+explicit input/output ``NamedSharding``s over a :mod:`jaxattn.parallel` mesh (``data``,
+``fsdp``, ``tensor``, ``context``; data parallel by default). Parameters and the batch are placed
+by the logical-axis rules of :mod:`jaxattn.parallel.logical` (``MeshConfig.rules`` in front of
+``DEFAULT_RULES``), and the steps are traced under ``axis_rules`` so layers' activation
+constraints (``jaxattn.parallel.constrain``) follow the same table. The batch of step ``s`` is
+``train_dataset[s]`` and the dropout key is ``fold_in(key, s)``, so a run restored from a
+checkpoint continues bit-for-bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxattn import parallel
 from jaxattn.train.checkpoint import Checkpointer, abstract_like
 from jaxattn.train.config import ExperimentConfig, MeshConfig, RunConfig
 from jaxattn.train.data import eval_batches, global_batch, train_dataset
@@ -34,7 +39,9 @@ __all__ = [
     "NonFiniteLossError",
     "Task",
     "TrainResult",
+    "batch_sharding",
     "make_mesh",
+    "mesh_rules",
     "param_shardings",
     "train",
 ]
@@ -82,18 +89,26 @@ class TrainResult:
 
 # ---- mesh and shardings -----------------------------------------------------------------------
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A ``("data", "model")`` mesh over ``devices`` (default: all)."""
+    """A ``("data", "fsdp", "tensor", "context")`` mesh over ``devices`` (default: all).
+
+    Without a ``-1`` size the mesh takes the first ``data * fsdp * tensor * context`` devices.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    if cfg.model < 1:
-        raise ValueError(f"mesh.model must be >= 1, got {cfg.model}")
-    data = len(devices) // cfg.model if cfg.data == -1 else cfg.data
-    if data < 1 or data * cfg.model > len(devices):
-        raise ValueError(f"mesh data={cfg.data} x model={cfg.model} does not fit "
-                         f"{len(devices)} devices")
-    # Auto axes: shardings are given explicitly to jit (pjit style), not carried in types.
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((data, cfg.model), ("data", "model"),
-                         devices=devices[: data * cfg.model], axis_types=(auto, auto))
+    sizes = (cfg.data, cfg.fsdp, cfg.tensor, cfg.context)
+    if -1 not in sizes and all(s >= 1 for s in sizes) and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]
+    return parallel.make_mesh(parallel.MeshConfig(*sizes), devices)
+
+
+def mesh_rules(cfg: MeshConfig) -> tuple:
+    """The logical-axis rules of a run: ``cfg.rules`` first, then ``DEFAULT_RULES``."""
+    return tuple(tuple(r) for r in cfg.rules) + tuple(parallel.DEFAULT_RULES)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Sequence = parallel.DEFAULT_RULES
+                   ) -> NamedSharding:
+    """Sharding of a global batch: its leading axis over the mesh axes of logical ``batch``."""
+    return parallel.logical_sharding(("batch",), mesh, tuple(rules))
 
 
 def _logical_names(var: nnx.Variable) -> tuple | None:
@@ -106,25 +121,21 @@ def _logical_names(var: nnx.Variable) -> tuple | None:
 
 
 def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh,
-                     rules: Sequence[tuple[str, str]] = ()) -> Any:
-    """NamedShardings for ``params``: logical axis names mapped through ``rules``; dimensions
-    without a rule, or not divisible by the mesh axis, are replicated."""
-    table = dict(rules)
+                     rules: Sequence = parallel.DEFAULT_RULES) -> Any:
+    """NamedShardings for ``params`` from their logical axis names (``out_sharding`` metadata)
+    through ``rules`` (:func:`jaxattn.parallel.logical_to_spec`: a mesh axis is used once per
+    array, dimensions not divisible by their mesh axes stay unsharded). Names without a rule
+    and unannotated parameters are replicated."""
+    rules = tuple(rules)
+    known = {name for name, _ in rules}
 
     def one(var):
         value = var[...] if isinstance(var, nnx.Variable) else var
         names = _logical_names(var) if isinstance(var, nnx.Variable) else None
-        spec: list[Any] = [None] * np.ndim(value)
-        used = set()
-        if names is not None and len(names) == np.ndim(value):
-            for i, name in enumerate(names):
-                axis = table.get(name) if name is not None else None
-                if axis is None or axis in used:
-                    continue
-                if value.shape[i] % mesh.shape[axis] == 0:
-                    spec[i] = axis
-                    used.add(axis)
-        return NamedSharding(mesh, P(*spec))
+        if names is None or len(names) != np.ndim(value):
+            return NamedSharding(mesh, P())
+        names = tuple(n if n in known else None for n in names)
+        return parallel.logical_sharding(names, mesh, rules, np.shape(value))
 
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -145,6 +156,17 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 # ---- steps ------------------------------------------------------------------------------------
+def _under_rules(fn, mesh, rules):
+    """``fn`` traced inside ``jaxattn.parallel.axis_rules(mesh, rules)``."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with parallel.axis_rules(mesh, rules):
+            return fn(*args)
+
+    return wrapped
+
+
 def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: RunConfig,
                  accumulate: int, seed: int):
     compute_dtype = {"f32": None, "bf16": jnp.bfloat16}.get(run.precision, "bad")
@@ -238,11 +260,15 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
     """
     run, t0 = cfg.run, time.time()
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
-    n_data = mesh.shape["data"]
+    rules = mesh_rules(cfg.mesh)
+    batch_sh = batch_sharding(mesh, rules)
+    batch_axes = batch_sh.spec[0] or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    n_data = math.prod(mesh.shape[a] for a in batch_axes)
     accumulate = cfg.optim.accumulate_steps
     if run.batch_size % (n_data * accumulate):
-        raise ValueError(f"batch_size {run.batch_size} must be divisible by data devices "
-                         f"({n_data}) x accumulate_steps ({accumulate})")
+        raise ValueError(f"batch_size {run.batch_size} must be divisible by the batch's devices "
+                         f"({n_data}, mesh axes {batch_axes}) x accumulate_steps ({accumulate})")
     if run.steps < 1:
         raise ValueError(f"run.steps must be >= 1, got {run.steps}")
 
@@ -250,8 +276,7 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     repl = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P("data"))
-    p_sh = _leaf_shardings(params, param_shardings(params, mesh, cfg.mesh.rules))
+    p_sh = _leaf_shardings(params, param_shardings(params, mesh, rules))
     r_sh = jax.tree.map(lambda _: repl, rest)
     params = jax.device_put(params, p_sh)
     rest = jax.device_put(rest, r_sh)
@@ -263,6 +288,8 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
     opt_state = jax.device_put(opt_state, o_sh)
 
     train_step, eval_step = _build_steps(graphdef, task, tx, run, accumulate, run.seed)
+    # Trace under the run's rules so layers' activation constraints use the same table.
+    train_step, eval_step = (_under_rules(f, mesh, rules) for f in (train_step, eval_step))
     train_step = jax.jit(train_step, in_shardings=(p_sh, o_sh, r_sh, batch_sh, repl),
                          out_shardings=(p_sh, o_sh, r_sh, repl))
     eval_jit = None
