@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import masks as masks_lib
+from jaxattn.core import dropout as dropout_lib
 from jaxattn.core import softmax as sm
 
 __all__ = ["chunked_attention", "plan_tiles", "TilePlan"]
@@ -81,6 +82,7 @@ class _Static:
     scale: float
     soft_cap: float | None
     mask_def: Any  # treedef of the mask pytree (None when there is no mask)
+    dropout_rate: float = 0.0  # > 0: the custom_vjp's ``seed`` argument drives the mask
 
 
 def _pad_axis(x, axis, size):
@@ -186,6 +188,18 @@ class _Tiles:
             ok = ok & _head_tile_to_rows(m, self.kv_heads, self.groups, p.block_q)
         return ok
 
+    def dropout(self, seed, qi, kj):
+        """Keep mask ``[B, K, R, bk]`` of a tile (global indices: same mask as the reference)."""
+        p, g = self.st.plan, self.groups
+        b, kh = self.q.shape[:2]
+        r = jnp.arange(self.rows)
+        heads = (jnp.arange(kh)[:, None] * g + (r % g)[None, :])[None, :, :, None]
+        q_idx = (qi * p.block_q + r // g)[None, None, :, None]
+        k_idx = (kj * p.block_kv + jnp.arange(p.block_kv))[None, None, None, :]
+        b_idx = jnp.arange(b)[:, None, None, None]
+        return dropout_lib.keep_mask(seed, b_idx, heads, q_idx, k_idx, self.st.dropout_rate,
+                                     kh * g)
+
     def logits(self, qb, kb, qi, kj):
         """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, R, bk]."""
         x = jnp.einsum("bkrh,bksh->bkrs", qb, kb, preferred_element_type=jnp.float32)
@@ -211,7 +225,7 @@ def _pairs(pairs):
     return jnp.asarray(arr[:, 0]), jnp.asarray(arr[:, 1])
 
 
-def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
+def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed):
     """``q`` rows ``[B, K, Tp*G, H]``, ``k``/``v`` ``[B, K, Sp, H]`` -> rows out, rows lse."""
     tiles = _Tiles(st, q, k, v, bias, mask_leaves)
     b, kh, tpg = q.shape[:3]
@@ -235,6 +249,8 @@ def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves):
         alpha = jnp.exp(m_r - m_safe)
         pr = jnp.exp(s - m_safe[..., None])  # [B, K, R, bk]
         l_new = alpha * l_r + jnp.sum(pr, axis=-1)
+        if st.dropout_rate > 0:  # the normaliser l keeps every entry; only P V is dropped
+            pr = jnp.where(tiles.dropout(seed, qi, kj), pr * (1.0 / (1.0 - st.dropout_rate)), 0.0)
         pv = jnp.einsum("bkrs,bksd->bkrd", pr.astype(v.dtype), vb,
                         preferred_element_type=jnp.float32)
         return m_new, l_new, alpha[..., None] * acc_r + pv
@@ -272,7 +288,7 @@ def _reduce_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dlse):
+def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse):
     """Arrays in the internal layouts (see :func:`_forward`); returns grads in the same layouts."""
     p = st.plan
     tiles = _Tiles(st, q, k, v, bias, mask_leaves)
@@ -295,9 +311,16 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
             s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
         pr = jnp.exp(s - _rows(lse_safe, qi, r)[..., None])  # [B, K, R, bk]
         do_r = _rows(dout, qi, r).astype(v.dtype)  # [B, K, R, Hv]
-        dv_t = jnp.einsum("bkrs,bkrd->bksd", pr.astype(v.dtype), do_r,
-                          preferred_element_type=jnp.float32)
+        pd = pr
         dp = jnp.einsum("bkrd,bksd->bkrs", do_r, vb, preferred_element_type=jnp.float32)
+        if st.dropout_rate > 0:  # out = (keep * P / (1 - rate)) V: the mask scales dV and dP
+            keep = tiles.dropout(seed, qi, kj)
+            inv = 1.0 / (1.0 - st.dropout_rate)
+            pd = jnp.where(keep, pr * inv, 0.0)
+            dp = jnp.where(keep, dp * inv, 0.0)
+        dv_t = jnp.einsum("bkrs,bkrd->bksd", pd.astype(v.dtype), do_r,
+                          preferred_element_type=jnp.float32)
+        # D = rowsum(dO * O) = sum_j P_ij dP_ij also with dropout (O is the dropped output)
         ds = pr * (dp - _rows(dvec, qi, r)[..., None])
         dx = ds * sm.soft_cap_grad(x, st.soft_cap)  # gradient w.r.t. scale*qk + bias
         dq_t = jnp.einsum("bkrs,bksh->bkrh", dx.astype(k.dtype), kb,
@@ -366,23 +389,23 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, bias, sinks, mask_leaves):
-    return _forward(st, q, k, v, bias, sinks, mask_leaves)
+def _attention(st, q, k, v, bias, sinks, mask_leaves, seed):
+    return _forward(st, q, k, v, bias, sinks, mask_leaves, seed)
 
 
-def _attention_fwd(st, q, k, v, bias, sinks, mask_leaves):
-    out, lse = _forward(st, q, k, v, bias, sinks, mask_leaves)
-    return (out, lse), (q, k, v, bias, sinks, mask_leaves, out, lse)
+def _attention_fwd(st, q, k, v, bias, sinks, mask_leaves, seed):
+    out, lse = _forward(st, q, k, v, bias, sinks, mask_leaves, seed)
+    return (out, lse), (q, k, v, bias, sinks, mask_leaves, seed, out, lse)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, bias, sinks, mask_leaves, out, lse = res
+    q, k, v, bias, sinks, mask_leaves, seed, out, lse = res
     dout, dlse = cts
     dq, dk, dv, db, dsinks = _backward(
-        st, q, k, v, bias, sinks, mask_leaves, out, lse, dout, dlse.astype(jnp.float32)
+        st, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse.astype(jnp.float32)
     )
     dleaves = [None] * len(mask_leaves)
-    return dq, dk, dv, db, dsinks, dleaves
+    return dq, dk, dv, db, dsinks, dleaves, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -401,13 +424,17 @@ def chunked_attention(
     block_q: int = DEFAULT_BLOCK_Q,
     block_kv: int = DEFAULT_BLOCK_KV,
     return_lse: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
 ):
     """Online-softmax attention over tiles; memory linear in sequence length.
 
     Shapes as :func:`jaxattn.core.dense.attention_reference`: ``query [B, T, N, H]``,
     ``key [B, S, K, H]``, ``value [B, S, K, Hv]``, ``bias`` broadcastable to ``[B, N, T, S]``
     (rank 4), ``mask`` a :class:`jaxattn.masks.Mask` or boolean array, ``sinks [N]``.
-    Unaligned lengths are padded to the tile grid and the padding is masked.
+    Unaligned lengths are padded to the tile grid and the padding is masked. Dropout uses the
+    position-hash mask of :mod:`jaxattn.core.dropout`: for the same ``dropout_rng`` it drops
+    the same entries as the reference, whatever the tile sizes.
 
     Returns ``[B, T, N, Hv]`` (and the f32 LSE ``[B, T, N]`` with ``return_lse``).
     """
@@ -430,8 +457,11 @@ def chunked_attention(
         bias = _pad_axis(_pad_axis(bias, 2, tp), 3, sp)
     leaves, mask_def = jax.tree_util.tree_flatten(mask) if mask is not None else ([], None)
     leaves = [jnp.asarray(x) for x in leaves]
-    st = _Static(plan, scale, logits_soft_cap, mask_def)
-    out, lse = _attention(st, q, k, v, bias, sinks, leaves)
+    seed = None
+    if dropout_rate > 0:
+        seed = dropout_lib.dropout_seed(dropout_rng)
+    st = _Static(plan, scale, logits_soft_cap, mask_def, float(dropout_rate))
+    out, lse = _attention(st, q, k, v, bias, sinks, leaves, seed)
     out = _from_rows(out, n)[:, :t]
     lse = _from_rows(lse, n)[:, :t]
     return (out, lse) if return_lse else out

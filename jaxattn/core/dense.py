@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import masks as masks_lib
+from jaxattn.core import dropout as dropout_lib
 from jaxattn.core import softmax as sm
 
 __all__ = ["attention_reference", "attention_probabilities"]
@@ -94,8 +95,11 @@ def attention_reference(
     probs, lse = attention_probabilities(
         query, key, bias, mask, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks
     )
-    if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    if dropout_rate > 0.0:  # the position-hash mask every implementation shares
+        bb, nn_, tt, ss = (jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
+                           for i, d in enumerate(probs.shape))
+        keep = dropout_lib.keep_mask(dropout_lib.dropout_seed(dropout_rng), bb, nn_, tt, ss,
+                                     dropout_rate, n)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     pg = probs.reshape(b, k, n // k, t, -1)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskh->btkgh", pg, value.astype(jnp.float32))

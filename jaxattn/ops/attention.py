@@ -225,12 +225,11 @@ def _run_chunked(c: AttentionCall):
         logits_soft_cap=c.logits_soft_cap, sinks=c.sinks, return_lse=True,
         block_q=c.block_q or chunked_lib.DEFAULT_BLOCK_Q,
         block_kv=c.block_kv or chunked_lib.DEFAULT_BLOCK_KV,
+        dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng,
     )
 
 
 def _chunked_supports(c: AttentionCall):
-    if c.dropout_rate > 0:
-        return "attention dropout is only implemented by the reference"
     if isinstance(c.scale, jax.core.Tracer):
         return "scale must be a Python number"
     return None
