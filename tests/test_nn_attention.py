@@ -103,5 +103,20 @@ def test_bad_configuration_errors():
     m2.init_cache(1, 4)
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         m2(jnp.ones((1, 5, 8)), decode=True)
+
+
+def test_decode_past_the_cache_end_raises_eagerly_and_poisons_under_jit():
+    x = jax.random.normal(jax.random.key(6), (1, 4, 8))
+    m = MultiHeadAttention(2, 8, is_causal=True, rngs=nnx.Rngs(0))
+    m.init_cache(1, 4)
+    m(x[:, :3], decode=True)
+    with pytest.raises(ValueError, match="runs past the KV cache length 4"):
+        m(x[:, :2], decode=True)  # 3 + 2 > 4, position known eagerly
+    m.init_cache(1, 4)
+    step = nnx.jit(lambda m, xt: m(xt, decode=True))
+    outs = [step(m, x[:, i:i + 1]) for i in range(4)]  # fills the cache exactly: all finite
+    assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
+    past = [step(m, x[:, :1]) for _ in range(2)]  # traced position: NaN, not a clamped write
+    assert all(bool(jnp.all(jnp.isnan(o))) for o in past)
     with pytest.raises(ValueError, match=r"\[B, T, 8\]"):
         m(jnp.ones((1, 2, 9)))

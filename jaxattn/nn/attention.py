@@ -183,6 +183,10 @@ class MultiHeadAttention(nnx.Module):
         ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``. ``positions
         [B, T]`` feed RoPE (default ``arange``; in decoding, the cache index onward). ``mask``,
         ``bias`` and segment ids are passed to ``attention_fn``.
+
+        With ``decode=True`` the step's keys/values are appended to the cache at the cache
+        index. A step that would run past ``max_length`` raises when the index is concrete;
+        under ``jit`` (traced index) its output, and every later step's, is NaN.
         """
         if inputs_q.ndim != 3 or inputs_q.shape[-1] != self.in_features:
             raise ValueError(
@@ -210,11 +214,14 @@ class MultiHeadAttention(nnx.Module):
             if not self.is_causal:
                 raise ValueError("KV-cache decoding needs is_causal=True")
             offset = self.cache_index[...]
-            if t > self.cached_key.shape[1]:
+            max_len = self.cached_key.shape[1]
+            if t > max_len:
                 raise ValueError(
-                    f"decode step of {t} tokens exceeds the KV cache length "
-                    f"{self.cached_key.shape[1]}"
-                )
+                    f"decode step of {t} tokens exceeds the KV cache length {max_len}")
+            if not isinstance(offset, jax.core.Tracer) and int(offset) + t > max_len:
+                raise ValueError(
+                    f"decode step of {t} tokens at cache position {int(offset)} runs past the "
+                    f"KV cache length {max_len}; init_cache with a larger max_length")
         if self.rope_theta is not None:
             if positions is None:
                 start = 0 if offset is None else offset
@@ -265,4 +272,9 @@ class MultiHeadAttention(nnx.Module):
         y = jnp.einsum("btnh,nho->bto", out, self._cast(self.out_kernel[...]))
         if self.use_bias:
             y = y + self._cast(self.out_bias[...])
+        if decode and isinstance(offset, jax.core.Tracer):
+            # Under jit the cache position is traced: a step past the cache end cannot raise,
+            # and dynamic_update_slice would clamp the write. Poison the output with NaN instead
+            # of returning a silently wrong answer (this and every later step).
+            y = jnp.where(offset + t > self.cached_key.shape[1], jnp.nan, y)
         return constrain(y, ("batch", "length", "embed"))
