@@ -349,6 +349,23 @@ def test_implementation_tile_sizes():
 # ---- bad inputs --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_outputs_satisfy_the_declared_shape_contract(impl):
+    """jaxattn.typing's aliases, one binding of B, T, S, N, K, H, Hv over inputs and outputs."""
+    from jaxattn import typing as jt
+
+    q, k, v = rand_inputs(18, t=T, s=S, n=4, k=2)
+    v = v[..., :12]  # Hv != H
+    out, lse = jaxattn.dot_product_attention(q, k, v, is_causal=True, return_lse=True,
+                                             implementation=impl)
+    jt.check_shapes(query=(q, jt.Query), key=(k, jt.Key), value=(v, jt.Value),
+                    out=(out, jt.Output), lse=(lse, jt.LSE))
+    with pytest.raises(TypeError, match="lse has shape"):
+        jt.check_shapes(query=(q, jt.Query), lse=(lse[:, :-1], jt.LSE))
+    with pytest.raises(TypeError, match="key has shape"):
+        jt.check_shapes(query=(q, jt.Query), key=(k[..., :8], jt.Key))
+
+
 def test_bad_inputs_raise_clear_errors():
     q, k, v = rand_inputs(17, t=8, s=8)
     f = jaxattn.dot_product_attention

@@ -8,12 +8,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
 
 from jaxattn import masks as masks_lib
 from jaxattn.core import chunked as chunked_lib
 from jaxattn.core import dense
 from jaxattn.ops import registry
+from jaxattn.typing import (
+    Bias,
+    BoolMask,
+    Key,
+    KVSegmentIds,
+    Query,
+    QuerySegmentIds,
+    Sinks,
+    Value,
+)
 
 __all__ = ["dot_product_attention", "explain", "AttentionCall", "make_call"]
 
@@ -288,18 +297,18 @@ registry.register(PRIMITIVE, registry.Backend(
 
 
 def dot_product_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Float[Array, "#B #N #T #S"] | None = None,
-    mask: masks_lib.Mask | Bool[Array, "#B #N #T #S"] | None = None,
+    query: Query,
+    key: Key,
+    value: Value,
+    bias: Bias | None = None,
+    mask: masks_lib.Mask | BoolMask | None = None,
     *,
     scale: float | None = None,
     is_causal: bool = False,
-    query_segment_ids: Int[Array, "B T"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
+    query_segment_ids: QuerySegmentIds | None = None,
+    kv_segment_ids: KVSegmentIds | None = None,
     logits_soft_cap: float | None = None,
-    sinks: Float[Array, " N"] | None = None,
+    sinks: Sinks | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_lse: bool = False,

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int
 
 from jaxattn import masks as masks_lib
 from jaxattn.ops.attention import make_call
@@ -42,6 +41,7 @@ from jaxattn.parallel.ring import (
     local_mask,
     ring_attention_local,
 )
+from jaxattn.typing import Bias, Key, KVSegmentIds, Query, QuerySegmentIds, Sinks, Value
 
 __all__ = ["context_parallel_attention", "STRATEGIES"]
 
@@ -105,21 +105,21 @@ def _spec_axes(axes):
 
 
 def context_parallel_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K Hv"],
-    bias: Float[Array, "#B #N #T #S"] | None = None,
+    query: Query,
+    key: Key,
+    value: Value,
+    bias: Bias | None = None,
     mask: masks_lib.Mask | None = None,
     *,
     mesh: Mesh,
     axis: str = "context",
     strategy: str = "all_gather",
     is_causal: bool = False,
-    query_segment_ids: Int[Array, "B T"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
+    query_segment_ids: QuerySegmentIds | None = None,
+    kv_segment_ids: KVSegmentIds | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
-    sinks: Float[Array, "N"] | None = None,  # noqa: F821 (a jaxtyping shape, not a name)
+    sinks: Sinks | None = None,
     load_balance: str | None = None,
     implementation: str | None = None,
     return_lse: bool = False,
