@@ -4,6 +4,8 @@ Shapes are deliberately small and odd (T=37, S=45 with 16x16 tiles: padding in b
 several partial and full tiles) so that the whole file stays fast in the interpreter.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,6 +332,17 @@ def test_supports_and_prefer_on_other_platforms():
     assert pallas_backend.supports(gpu) is None
     assert "validated" in pallas_backend.prefer(gpu)  # never auto-picked until run on a device
     assert pallas_backend.supports(dataclasses.replace(call, platform="tpu")) is None
+    # GPU routing: the Mosaic-GPU forward when it applies, else the Triton lowering.
+    assert pallas_backend.flash_config_for(gpu).backend == "mosaic_gpu"
+    assert (pallas_backend.flash_config_for(gpu).block_q,
+            pallas_backend.flash_config_for(gpu).block_kv) == (128, 64)
+    seg = jnp.zeros((1, 4096), jnp.int32)
+    seg_call, _ = make_call(q, q, q, is_causal=True, query_segment_ids=seg)
+    assert pallas_backend.flash_config_for(
+        dataclasses.replace(seg_call, platform="gpu")).backend == "triton"
+    f32_call, _ = make_call(*(jnp.zeros((1, 256, 2, 128), jnp.float32),) * 3)
+    assert pallas_backend.flash_config_for(
+        dataclasses.replace(f32_call, platform="gpu")).backend == "triton"
     odd = dataclasses.replace(call, query=q[..., :48], key=q[..., :48], platform="gpu")
     assert "head dims" in pallas_backend.supports(odd)
     long_q = jnp.zeros((1, 65536, 2, 128), jnp.bfloat16)
@@ -425,6 +438,27 @@ def test_device_lowerings_lower_from_cpu(backend, platform):
     text = lowered.as_text()
     for name in ("flash_fwd", "flash_dq", "flash_dkv"):
         assert name in text
+
+
+def test_mosaic_gpu_backend_lowers_forward_and_triton_backward():
+    """backend="mosaic_gpu": the Hopper forward kernel plus the Triton dq / dkv kernels lower for
+    cuda from CPU through flash_attention's custom_vjp (nothing runs on a device here)."""
+    t = s = 200  # unaligned: padded and masked
+    q = jnp.zeros((1, t, 4, 128), jnp.bfloat16)
+    k = v = jnp.zeros((1, s, 2, 128), jnp.bfloat16)
+    meta = pallas_backend.meta_for(M.CausalMask(), t, s, 128, 64)
+    cfg = flash.FlashConfig(128, 64, scale=0.1, backend="mosaic_gpu")
+
+    def loss(q, k, v):
+        return jnp.sum(flash.flash_attention(q, k, v, meta, config=cfg)[0].astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "flash_fwd_mosaic_gpu" in text and "flash_dq" in text and "flash_dkv" in text
+    assert not re.search(r"flash_fwd(?!_mosaic_gpu)", text)  # not the portable forward
+    seg = jnp.zeros((1, t), jnp.int32)
+    with pytest.raises(ValueError, match="no segment ids or sinks"):
+        flash.flash_attention(q, k, v, meta, config=cfg, q_segment_ids=seg, kv_segment_ids=seg)
 
 
 def test_bench_small_runs(capsys):

@@ -7,8 +7,10 @@ documents need no ``[T, S]`` mask), GQA, soft-cap, sinks and unaligned lengths g
 kernel. Additive bias and dropout are refused with a reason.
 
 Platforms: on CPU the kernel runs in the Pallas interpreter (slow; for tests and debugging), and
-``implementation=None`` never picks it there. The GPU (Triton lowering) and TPU (Mosaic) paths
-lower (checked from CPU) but have never run on a device, so automatic selection does not pick
+``implementation=None`` never picks it there. On GPU the forward is the Hopper Mosaic-GPU kernel
+when it applies (bf16/f16, head dims 64/128/256, no segment ids or sinks), else the Triton
+lowering; the backward is Triton-lowered. The GPU and TPU (Mosaic) paths lower (checked from
+CPU) but have never run on a device, so automatic selection does not pick
 them either until ``HARDWARE_VALIDATED`` is set after the tests pass on the device;
 ``implementation="pallas"`` opts in.
 """
@@ -50,10 +52,20 @@ def flash_config_for(call: AttentionCall, block_q: int | None = None,
     ``Implementation`` tile sizes, else :func:`_block`)."""
     block_q, block_kv = block_q or call.block_q, block_kv or call.block_kv
     d = call.shape
+    backend = flash.default_backend(call.platform)
+    if backend == "triton":
+        # Hopper: the Mosaic-GPU forward (128 x 64 tiles: two consumer warpgroups) when it can
+        # run the call; otherwise (segment ids, sinks, f32, other tiles) the Triton lowering.
+        mosaic = flash.FlashConfig(
+            block_q=block_q or (64 if d["T"] <= 64 else 128), block_kv=block_kv or 64,
+            scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend="mosaic_gpu")
+        if flash.mosaic_gpu_refusal(call.query, call.value,
+                                    has_segments=call.q_segment_ids is not None,
+                                    has_sinks=call.sinks is not None, config=mosaic) is None:
+            return mosaic
     return flash.FlashConfig(
         block_q=block_q or _block(d["T"]), block_kv=block_kv or _block(d["S"]),
-        scale=float(call.scale), logits_soft_cap=call.logits_soft_cap,
-        backend=flash.default_backend(call.platform),
+        scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend=backend,
     )
 
 

@@ -1,6 +1,6 @@
 """Block-sparse flash attention in Pallas (forward + backward), driven by block metadata."""
 
-from pallas_kernels.flash.attention import flash_attention
+from pallas_kernels.flash.attention import flash_attention, mosaic_gpu_refusal
 from pallas_kernels.flash.config import BACKENDS, FlashConfig
 from pallas_kernels.flash.lowering import default_backend
 from pallas_kernels.flash.metadata import (
@@ -14,6 +14,7 @@ from pallas_kernels.flash.metadata import (
 
 __all__ = [
     "flash_attention",
+    "mosaic_gpu_refusal",
     "FlashConfig",
     "BACKENDS",
     "default_backend",

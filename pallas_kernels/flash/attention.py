@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import kernels, lowering
+from pallas_kernels.flash import kernels, lowering, mosaic_gpu
 from pallas_kernels.flash.config import FlashConfig
 from pallas_kernels.flash.metadata import BlockSparseMeta
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "mosaic_gpu_refusal"]
 
 SQ = pl.squeezed
 
@@ -238,6 +238,14 @@ def _flash(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks):
 
 def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
     qp, kp, vp, sqp, skp = _pad_inputs(st, q, k, v, seg_q, seg_kv)
+    if st.cfg.backend == "mosaic_gpu":  # Hopper forward on the [B, T, N, H] inputs as given
+        cfg = st.cfg
+        mcfg = mosaic_gpu.MosaicGPUConfig(block_q=cfg.block_q, block_kv=cfg.block_kv,
+                                          scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
+                                          num_stages=cfg.num_stages)
+        out, lse = mosaic_gpu.flash_forward_mosaic_gpu_arrays(q, k, v, meta_fwd, blocks,
+                                                              config=mcfg)
+        return out, lse, None, (qp, kp, vp, sqp, skp)
     out, lse, visits = _forward(st, qp, kp, vp, sinks, sqp, skp, meta_fwd, blocks)
     out = _from_bnth(out, st.q_len)
     lse = jnp.transpose(lse[:, :, : st.q_len, 0], (0, 2, 1))  # [B, T, N]
@@ -264,6 +272,8 @@ def _flash_bwd(st, res, cts):
     lse_p = _pad_axis(jnp.transpose(lse_safe, (0, 2, 1)), 2, tp)[..., None]  # [B, N, Tp, 1]
     delta_p = _pad_axis(jnp.transpose(delta, (0, 2, 1)), 2, tp)[..., None]
     dop = _bnth(d_out.astype(qp.dtype), tp)
+    if st.cfg.backend == "mosaic_gpu":  # no Mosaic-GPU backward yet: Triton-lowered dq / dkv
+        st = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, backend="triton"))
     dq = _dq(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_fwd, blocks)
     dk, dv = _dkv(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_bwd, blocks)
     dq = _from_bnth(dq, st.q_len).astype(qp.dtype)
@@ -278,6 +288,25 @@ def _flash_bwd(st, res, cts):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def mosaic_gpu_refusal(q, v, *, has_segments: bool, has_sinks: bool,
+                       config: FlashConfig) -> str | None:
+    """Why the Mosaic-GPU forward cannot run a call (None if it can); callers then use
+    ``backend="triton"``. ``q [B, T, N, H]``, ``v [B, S, K, Hv]`` (arrays or shape structs)."""
+    if q.dtype not in mosaic_gpu.SUPPORTED_DTYPES:
+        return f"it takes bf16/f16 inputs, got {q.dtype}"
+    if q.shape[-1] not in mosaic_gpu.HEAD_DIMS or v.shape[-1] not in mosaic_gpu.HEAD_DIMS:
+        return f"head dims must be in {mosaic_gpu.HEAD_DIMS}, got H={q.shape[-1]}, " \
+               f"Hv={v.shape[-1]}"
+    if has_segments or has_sinks:
+        return "it has no segment ids or sinks yet"
+    if config.count_visits:
+        return "it does not count visits"
+    if config.block_q not in (64, 128) or config.block_kv % 64:
+        return f"tiles must be block_q in (64, 128), block_kv a multiple of 64, got " \
+               f"{(config.block_q, config.block_kv)}"
+    return None
 
 
 def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
@@ -326,6 +355,11 @@ def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
                          f"{q_segment_ids.shape}, {kv_segment_ids.shape}")
     if sinks is not None and sinks.shape != (n,):
         raise ValueError(f"sinks must have shape [N]=({n},), got {sinks.shape}")
+    if config.backend == "mosaic_gpu":
+        why = mosaic_gpu_refusal(q, v, has_segments=q_segment_ids is not None,
+                                 has_sinks=sinks is not None, config=config)
+        if why is not None:
+            raise ValueError(f"backend='mosaic_gpu' cannot run this call: {why}")
     st = _Static(config, t, s, mb, mn, q_segment_ids is not None, sinks is not None)
     return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids,
                   jnp.asarray(meta.fwd), jnp.asarray(meta.bwd), jnp.asarray(meta.blocks))

@@ -14,7 +14,11 @@ __all__ = ["FlashConfig", "BACKENDS"]
 #              whole in VMEM, so it only suits moderate lengths.
 # "tpu_interpret": the Mosaic-TPU variant run by the TPU interpreter (pltpu.InterpretParams) on
 #              CPU: checks its TPU-specific memory spaces (SMEM metadata) without a TPU.
-BACKENDS = ("interpret", "triton", "mosaic_tpu", "tpu_interpret")
+# "mosaic_gpu": forward by the Hopper Mosaic-GPU kernel (pallas_kernels/flash/mosaic_gpu.py:
+#              TMA + wgmma, warp-specialised; bf16/f16, no segment ids / sinks), backward by the
+#              Triton-lowered dq / dkv kernels. Lowers from CPU and its forward passes the
+#              Mosaic-GPU interpreter; NEVER RUN on a GPU.
+BACKENDS = ("interpret", "triton", "mosaic_gpu", "mosaic_tpu", "tpu_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
