@@ -150,3 +150,15 @@ def test_models_build_and_are_causal(name):
         np.testing.assert_allclose(h[:, :25], h2[:, :25], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="tokens"):
         model(tokens[0])
+
+
+def test_attn_init_std_reaches_qkv_kernels():
+    """The quick preset's attention init (q/k/v std 0.1) reaches the kernels; the output
+    projection keeps the reference's 0.02 / sqrt(2 n_layers)."""
+    m = mixers.make_mixer("attention", 64, 32, n_layers=2, dropout=0.0, attn_init_std=0.1,
+                          rngs=nnx.Rngs(0))
+    assert 0.08 < float(jnp.std(m.mha.query_kernel[...])) < 0.12
+    assert 0.08 < float(jnp.std(m.mha.key_kernel[...])) < 0.12
+    assert float(jnp.std(m.mha.out_kernel[...])) < 0.015
+    default = mixers.make_mixer("attention", 64, 32, n_layers=2, dropout=0.0, rngs=nnx.Rngs(0))
+    assert float(jnp.std(default.mha.query_kernel[...])) < 0.03

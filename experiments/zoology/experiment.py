@@ -62,19 +62,25 @@ def default_config() -> ExperimentConfig:
 
 
 def quick_config() -> ExperimentConfig:
-    """The CPU preset (about 10 minutes on 2 cores): V = 256, (L, K) in {(32, 4), (64, 4)},
+    """The CPU preset (about 7 minutes on 2 cores): V = 256, (L, K) in {(32, 4), (64, 4)},
     widths 32/64, one learning rate (3e-3 constant after a 30-step warmup; widen with
     ``sweep.learning_rates=1e-3,3e-3,1e-2``), at most 1000 steps of batch 128 with early stop
-    at 0.99 test accuracy. The attention model uses RoPE (theta 1e4) on top of its learned
-    positions (not in the paper; it shortens attention's MQAR plateau a lot on CPU budgets)."""
+    at 0.99 test accuracy.
+
+    One departure in the models: the q/k/v kernels of the softmax attentions start from
+    N(0, 0.1) instead of the reference's N(0, 0.02) (``model.attn_init_std``). With 0.02 the
+    1-head attention model sat on the 1/K plateau for all 1000 steps at half of the points,
+    at every learning rate tried (1e-3, 3e-3, 1e-2); with 0.1 it solved every point at two
+    seeds (see the README)."""
     cfg = default_config()
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, rope_theta=10_000.0),
+        model=dataclasses.replace(cfg.model, attn_init_std=0.1),
         data=dataclasses.replace(cfg.data, vocab_size=256, train_examples=50_000,
                                  test_examples=500),
-        # constant lr after warmup: with a 1000-step cosine decay the attention models
-        # stayed on the MQAR plateau (the lr decays before the recall circuit forms)
+        # constant lr after warmup, not the paper's cosine: with a 1000-step cosine decay
+        # Based fell from 0.974 to 0.884 at L = 64, D = 32 (the lr decays before the recall
+        # circuit settles); attention solves every point under either schedule (README)
         optim=dataclasses.replace(cfg.optim, warmup_steps=30, schedule="constant"),
         run=dataclasses.replace(cfg.run, steps=1000, batch_size=128, eval_every=100,
                                 eval_batch_size=250, log_every=50, progress=False),

@@ -117,9 +117,10 @@ class Attention(nnx.Module):
     """Causal softmax attention (1 head in the paper's sweep), ``jaxattn.nn.MultiHeadAttention``."""
 
     def __init__(self, dim: int, *, num_heads: int = 1, dropout: float = 0.0,
-                 out_std: float = _STD, rope_theta: float | None = None, rngs: nnx.Rngs):
+                 init_std: float = _STD, out_std: float = _STD,
+                 rope_theta: float | None = None, rngs: nnx.Rngs):
         self.mha = MultiHeadAttention(
-            num_heads, dim, is_causal=True, dropout_rate=dropout, kernel_init=_normal(_STD),
+            num_heads, dim, is_causal=True, dropout_rate=dropout, kernel_init=_normal(init_std),
             out_kernel_init=_normal(out_std), rope_theta=rope_theta, rngs=rngs)
 
     def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
@@ -214,10 +215,11 @@ class SigmoidLookupAttention(nnx.Module):
     """
 
     def __init__(self, dim: int, *, num_lookups: int | None = None, aux_weight: float = 1e-3,
-                 dropout: float = 0.0, out_std: float = _STD, rngs: nnx.Rngs):
+                 dropout: float = 0.0, init_std: float = _STD, out_std: float = _STD,
+                 rngs: nnx.Rngs):
         self.gate = _linear(dim, 1, rngs, bias=False)
         self.attn = MultiHeadAttention(
-            1, dim, is_causal=False, dropout_rate=dropout, kernel_init=_normal(_STD),
+            1, dim, is_causal=False, dropout_rate=dropout, kernel_init=_normal(init_std),
             out_kernel_init=_normal(out_std), rngs=rngs)
         self.num_lookups, self.aux_weight = num_lookups, aux_weight
 
@@ -243,13 +245,19 @@ MIXERS = ("attention", "baseconv_short", "baseconv_long", "based", "based_linear
 
 
 def make_mixer(name: str, dim: int, length: int, *, n_layers: int, dropout: float,
-               rope_theta: float | None = None, rngs: nnx.Rngs) -> nnx.Module:
-    """Build a mixer by name (one of :data:`MIXERS`); ``rope_theta`` only affects
-    ``attention``."""
+               rope_theta: float | None = None, attn_init_std: float | None = None,
+               rngs: nnx.Rngs) -> nnx.Module:
+    """Build a mixer by name (one of :data:`MIXERS`).
+
+    ``rope_theta`` only affects ``attention``. ``attn_init_std`` is the std of the q/k/v
+    kernels of the softmax attentions (``attention`` and the lookups of ``sparse``); None keeps
+    the reference's 0.02. Output kernels always get ``0.02 / sqrt(2 n_layers)``.
+    """
     out_std = _STD / math.sqrt(2 * n_layers)
+    qkv_std = _STD if attn_init_std is None else attn_init_std
     if name == "attention":
-        return Attention(dim, dropout=dropout, out_std=out_std, rope_theta=rope_theta,
-                         rngs=rngs)
+        return Attention(dim, dropout=dropout, init_std=qkv_std, out_std=out_std,
+                         rope_theta=rope_theta, rngs=rngs)
     if name == "baseconv_short":
         return BaseConv(dim, length, kernel_size=3, rngs=rngs)
     if name == "baseconv_long":
@@ -258,5 +266,6 @@ def make_mixer(name: str, dim: int, length: int, *, n_layers: int, dropout: floa
         view = "linear" if name == "based_linear" else "quadratic"
         return BasedLinearAttention(dim, view=view, out_std=out_std, rngs=rngs)
     if name == "sparse":
-        return SigmoidLookupAttention(dim, dropout=dropout, out_std=out_std, rngs=rngs)
+        return SigmoidLookupAttention(dim, dropout=dropout, init_std=qkv_std, out_std=out_std,
+                                      rngs=rngs)
     raise ValueError(f"unknown mixer {name!r}; choose from {MIXERS}")

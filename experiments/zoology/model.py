@@ -37,6 +37,9 @@ class ZoologyModelConfig:
     seq_len: int = 64
     dropout: float = 0.0  # the paper uses 0.1 (embeddings and attention probabilities)
     rope_theta: float | None = None  # RoPE in the attention mixer (not in the paper)
+    # std of the q/k/v kernels of the softmax attentions (the attention model and the sparse
+    # hybrid's lookups); None: the reference's N(0, 0.02). The quick preset sets 0.1.
+    attn_init_std: float | None = None
 
 
 class MQARModel(nnx.Module):
@@ -55,7 +58,8 @@ class MQARModel(nnx.Module):
         self.norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in layers])
         self.mixers = nnx.List([
             make_mixer(name, d, cfg.seq_len, n_layers=len(layers), dropout=cfg.dropout,
-                       rope_theta=cfg.rope_theta, rngs=rngs)
+                       rope_theta=cfg.rope_theta, attn_init_std=cfg.attn_init_std,
+                       rngs=rngs)
             for name in layers
         ])
         self.final_norm = nnx.LayerNorm(d, rngs=rngs)
