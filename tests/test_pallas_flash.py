@@ -4,6 +4,8 @@ Shapes are deliberately small and odd (T=37, S=45 with 16x16 tiles: padding in b
 several partial and full tiles) so that the whole file stays fast in the interpreter.
 """
 
+import dataclasses
+import functools
 import re
 
 import jax
@@ -291,8 +293,6 @@ def test_dispatch_runs_pallas_under_jit_with_traced_segment_ids():
 
 
 def test_dispatch_tile_sizes_reach_the_kernel():
-    import dataclasses
-
     q, k, v = rand_inputs(14, b=1, t=T, s=S, n=N, k=K, h=H)
     impl = jaxattn.Implementation("pallas", block_q=16, block_kv=32)
     out = jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
@@ -303,15 +303,43 @@ def test_dispatch_tile_sizes_reach_the_kernel():
     assert pallas_backend.flash_config_for(call).block_q != 16  # the default differs
 
 
+@pytest.mark.parametrize("with_seg", [False, True])
+def test_dropout_equals_reference_with_the_same_rng(with_seg):
+    """The kernels regenerate the reference's position-hash dropout mask per tile (forward, dq
+    and dk/dv), so forward and all gradients match the reference for the same rng."""
+    q, k, v = rand_inputs(15, b=B, t=T, s=S, n=N, k=K, h=H)
+    kw = dict(is_causal=True, dropout_rate=0.25, dropout_rng=jax.random.key(9))
+    if with_seg:
+        kw.update(query_segment_ids=_seg_ids(T, [20]), kv_segment_ids=_seg_ids(S, [20]))
+    impl = jaxattn.Implementation("pallas", BLOCK, BLOCK)
+    ours = functools.partial(jaxattn.dot_product_attention, implementation=impl, **kw)
+    ref = functools.partial(jaxattn.dot_product_attention, implementation="reference", **kw)
+    args = (q, k, v)
+    assert max_err(ours(*args), ref(*args)) < F32_ATOL
+    for g, r in zip(_loss_grads(ours, args, (0, 1, 2)), _loss_grads(ref, args, (0, 1, 2)),
+                    strict=True):
+        assert max_err(g, r) < F32_GRAD_ATOL
+
+
+def test_kernel_dropout_hash_equals_jaxattn():
+    """pallas_kernels keeps its own copy of the hash (no jaxattn imports): bit-equal."""
+    from jaxattn.core import dropout as ref_dropout
+    from pallas_kernels.flash import dropout as kernel_dropout
+
+    seed = ref_dropout.dropout_seed(jax.random.key(5))
+    idx = (jnp.arange(3)[:, None, None, None], jnp.arange(4)[None, :, None, None],
+           jnp.arange(0, 4000, 37)[None, None, :, None], jnp.arange(0, 9000, 91)[None, None, None])
+    a = ref_dropout.keep_mask(seed, *idx, 0.3, 4)
+    b = kernel_dropout.keep_mask(seed[0], seed[1], *idx, 0.3, 4)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dispatch_refusals_and_cpu_never_auto():
     q, k, v = rand_inputs(12, b=1, t=8, s=8, n=2, k=2, h=H)
     ex = jaxattn.ops.attention.explain(q, k, v, is_causal=True)
     assert ex.chosen != "pallas" and "interpreter" in ex.verdicts["pallas"]
     bias = jnp.zeros((1, 1, 8, 8), jnp.float32)
     assert "bias" in jaxattn.ops.attention.explain(q, k, v, bias).verdicts["pallas"]
-    with pytest.raises(ValueError, match="dropout"):
-        jaxattn.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0),
-                                      implementation="pallas")
 
     @jax.jit
     def traced_offset(q, k, v, off):
@@ -324,8 +352,6 @@ def test_dispatch_refusals_and_cpu_never_auto():
 
 def test_supports_and_prefer_on_other_platforms():
     """Verdicts for GPU/TPU calls (platform simulated: only the decision logic runs)."""
-    import dataclasses
-
     q = jnp.zeros((1, 4096, 2, 128), jnp.bfloat16)
     call, _ = make_call(q, q, q, is_causal=True)
     gpu = dataclasses.replace(call, platform="gpu")
@@ -419,6 +445,14 @@ def test_tpu_interpret_variant_matches_reference():
     for g, r in zip(_loss_grads(ours, args, (0, 1, 2, 3)), _loss_grads(ref, args, (0, 1, 2, 3)),
                     strict=True):
         assert max_err(g, r) < F32_GRAD_ATOL
+    # Dropout with the seed in SMEM: the same entries as the reference drops for that seed.
+    key = jax.random.key(2)
+    drop = dataclasses.replace(cfg, dropout_rate=0.2)
+    out_d = flash.flash_attention(q, k, v, meta, config=drop, sinks=sinks,
+                                  dropout_seed=jax.random.bits(key, (2,), jnp.uint32), **seg)[0]
+    ref_d = dense.attention_reference(q, k, v, None, full, scale=0.25, logits_soft_cap=6.0,
+                                      sinks=sinks, dropout_rate=0.2, dropout_rng=key)
+    assert max_err(out_d, ref_d) < F32_ATOL and max_err(out_d, out) > 1e-2
 
 
 @pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
@@ -427,10 +461,13 @@ def test_device_lowerings_lower_from_cpu(backend, platform):
     lowering rules only: nothing is compiled for or run on a device here."""
     q, k, v, meta, seg, sinks, _ = _tpu_case()
     q, k, v = (jnp.zeros(x.shape[:3] + (128,), jnp.bfloat16) for x in (q, k, v))
-    cfg = flash.FlashConfig(128, 128, scale=0.1, logits_soft_cap=6.0, backend=backend)
+    cfg = flash.FlashConfig(128, 128, scale=0.1, logits_soft_cap=6.0, backend=backend,
+                            dropout_rate=0.1)  # the dropout hash (uint32 ops) must lower too
+    seed = jnp.array([3, 4], jnp.uint32)
 
     def loss(q, k, v, sinks):
-        out = flash.flash_attention(q, k, v, meta, config=cfg, sinks=sinks, **seg)[0]
+        out = flash.flash_attention(q, k, v, meta, config=cfg, sinks=sinks, dropout_seed=seed,
+                                    **seg)[0]
         return jnp.sum(out.astype(jnp.float32))
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, sinks).lower(

@@ -4,7 +4,8 @@ The adapter turns an :class:`~jaxattn.ops.attention.AttentionCall` into kernel a
 structured mask becomes block metadata on the host (``Mask.block_info`` -> visit lists, cached per
 mask and shape), segment ids stay arrays (evaluated per tile inside the kernel, so packed
 documents need no ``[T, S]`` mask), GQA, soft-cap, sinks and unaligned lengths go straight to the
-kernel. Additive bias and dropout are refused with a reason.
+kernel. Dropout uses the reference's position-hash mask (the kernels regenerate it per tile).
+Additive bias is refused with a reason.
 
 Platforms: on CPU the kernel runs in the Pallas interpreter (slow; for tests and debugging), and
 ``implementation=None`` never picks it there. On GPU the forward is the Hopper Mosaic-GPU kernel
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn import masks as masks_lib
+from jaxattn.core import dropout as dropout_lib
 from jaxattn.ops import registry
 from jaxattn.ops.attention import PRIMITIVE, AttentionCall
 from pallas_kernels import flash
@@ -58,7 +60,8 @@ def flash_config_for(call: AttentionCall, block_q: int | None = None,
         # run the call; otherwise (segment ids, sinks, f32, other tiles) the Triton lowering.
         mosaic = flash.FlashConfig(
             block_q=block_q or (64 if d["T"] <= 64 else 128), block_kv=block_kv or 64,
-            scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend="mosaic_gpu")
+            scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend="mosaic_gpu",
+            dropout_rate=call.dropout_rate)
         if flash.mosaic_gpu_refusal(call.query, call.value,
                                     has_segments=call.q_segment_ids is not None,
                                     has_sinks=call.sinks is not None, config=mosaic) is None:
@@ -66,6 +69,7 @@ def flash_config_for(call: AttentionCall, block_q: int | None = None,
     return flash.FlashConfig(
         block_q=block_q or _block(d["T"]), block_kv=block_kv or _block(d["S"]),
         scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend=backend,
+        dropout_rate=call.dropout_rate,
     )
 
 
@@ -89,8 +93,6 @@ def supports(call: AttentionCall) -> str | None:
     """``None`` if the Pallas kernel can run ``call``, else the reason it cannot."""
     if call.bias is not None:
         return "the Pallas kernel has no additive bias (use a Mask, or xla_chunked)"
-    if call.dropout_rate > 0:
-        return "the Pallas kernel has no attention dropout"
     if isinstance(call.scale, jax.core.Tracer):
         return "scale must be a Python number (it is a static kernel parameter)"
     if call.dtype not in _DTYPES:
@@ -153,9 +155,12 @@ def run(call: AttentionCall, block_q: int | None = None, block_kv: int | None = 
     seg_q, seg_kv = call.q_segment_ids, call.kv_segment_ids
     if seg_q is not None:
         seg_q, seg_kv = seg_q.astype(jnp.int32), seg_kv.astype(jnp.int32)
+    seed = None
+    if call.dropout_rate > 0:  # the reference's position-hash mask: same entries dropped
+        seed = dropout_lib.dropout_seed(call.dropout_rng)
     out, lse, _ = flash.flash_attention(
         call.query, call.key, call.value, meta, config=cfg, q_segment_ids=seg_q,
-        kv_segment_ids=seg_kv, sinks=call.sinks,
+        kv_segment_ids=seg_kv, sinks=call.sinks, dropout_seed=seed,
     )
     return out, lse
 

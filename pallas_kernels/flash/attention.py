@@ -80,7 +80,15 @@ def _seg_skip(st: _Static) -> bool:
 # it). Segment ids are [B, Tp, 1] (query) and [B, 1, Sp] (key); lse/delta are [B, N, Tp, 1].
 
 
-def _forward(st: _Static, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
+def _seed_input(st: _Static, seed, names, in_specs, args):
+    """Append the dropout seed (uint32 [2], whole; SMEM on TPU) when the config drops."""
+    if st.cfg.dropout_rate:
+        names.append("seed")
+        in_specs.append(_whole(st, seed))
+        args.append(seed)
+
+
+def _forward(st: _Static, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks, seed=None):
     """Padded BNTH inputs -> out [B, N, Tp, Hv], lse [B, N, Tp, 1] f32, visits or None."""
     cfg = st.cfg
     b, n, tp, h = q.shape
@@ -106,6 +114,7 @@ def _forward(st: _Static, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
         names.append("sinks")
         in_specs.append(_whole(st, sinks))
         args.append(sinks.astype(jnp.float32))
+    _seed_input(st, seed, names, in_specs, args)
     names += ["blocks", "out", "lse"]
     in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, i: (0, 0, 0)))
     args.append(blocks)
@@ -120,14 +129,14 @@ def _forward(st: _Static, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
     kernel = functools.partial(
         kernels.fwd_kernel, cfg=cfg, names=tuple(names),
         meta_layout=_meta_layout(st, meta_fwd, nq), kv_slots=(meta_fwd.shape[-1] - 2) // 3,
-        seg_skip=_seg_skip(st))
+        seg_skip=_seg_skip(st), num_heads=n)
     outs = lowering.call(kernel, cfg=cfg, grid=(b, n, nq), in_specs=in_specs,
                          out_specs=out_specs, out_shape=out_shape, name="flash_fwd")(*args)
     visits = outs[2][..., 0, 0] if cfg.count_visits else None
     return outs[0], outs[1], visits
 
 
-def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks):
+def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks, seed=None):
     cfg = st.cfg
     b, n, tp, h = q.shape
     _, kh, sp, hv = v.shape
@@ -151,6 +160,7 @@ def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks):
         in_specs += [pl.BlockSpec((SQ, bq, 1), lambda ib, ih, i: (ib, i, 0)),
                      pl.BlockSpec((SQ, 1, sp), lambda ib, ih, i: (ib, 0, 0))]
         args += [seg_q, seg_kv]
+    _seed_input(st, seed, names, in_specs, args)
     names += ["blocks", "dq"]
     in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, i: (0, 0, 0)))
     args.append(blocks)
@@ -158,7 +168,7 @@ def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks):
     kernel = functools.partial(
         kernels.dq_kernel, cfg=cfg, names=tuple(names),
         meta_layout=_meta_layout(st, meta_fwd, nq), kv_slots=(meta_fwd.shape[-1] - 2) // 3,
-        seg_skip=_seg_skip(st))
+        seg_skip=_seg_skip(st), num_heads=n)
     return lowering.call(
         kernel, cfg=cfg, grid=(b, n, nq), in_specs=in_specs,
         out_specs=pl.BlockSpec((SQ, SQ, bq, h), lambda ib, ih, i: (ib, ih, i, 0)),
@@ -166,7 +176,7 @@ def _dq(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_fwd, blocks):
     )(*args)
 
 
-def _dkv(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_bwd, blocks):
+def _dkv(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_bwd, blocks, seed=None):
     cfg = st.cfg
     b, n, tp, h = q.shape
     _, kh, sp, hv = v.shape
@@ -191,13 +201,14 @@ def _dkv(st: _Static, q, k, v, do, lse, delta, seg_q, seg_kv, meta_bwd, blocks):
         in_specs += [pl.BlockSpec((SQ, tp, 1), lambda ib, ih, j: (ib, 0, 0)),
                      pl.BlockSpec((SQ, 1, bk), lambda ib, ih, j: (ib, 0, j))]
         args += [seg_q, seg_kv]
+    _seed_input(st, seed, names, in_specs, args)
     names += ["blocks", "dk", "dv"]
     in_specs.append(pl.BlockSpec(blocks.shape, lambda ib, ih, j: (0, 0, 0)))
     args.append(blocks)
     kernel = functools.partial(
         kernels.dkv_kernel, cfg=cfg, names=tuple(names),
         meta_layout=_meta_layout(st, meta_bwd, nk), q_slots=(meta_bwd.shape[-1] - 2) // 3,
-        groups=g, seg_skip=_seg_skip(st))
+        groups=g, seg_skip=_seg_skip(st), num_heads=n)
     return lowering.call(
         kernel, cfg=cfg, grid=(b, kh, nk), in_specs=in_specs,
         out_specs=[pl.BlockSpec((SQ, SQ, bk, h), lambda ib, ih, j: (ib, ih, j, 0)),
@@ -231,12 +242,13 @@ def _pad_inputs(st: _Static, q, k, v, seg_q, seg_kv):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks):
-    out, lse, visits, _ = _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks)
+def _flash(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks, seed):
+    out, lse, visits, _ = _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks,
+                                          seed)
     return out, lse, visits
 
 
-def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
+def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks, seed):
     qp, kp, vp, sqp, skp = _pad_inputs(st, q, k, v, seg_q, seg_kv)
     if st.cfg.backend == "mosaic_gpu":  # Hopper forward on the [B, T, N, H] inputs as given
         cfg = st.cfg
@@ -246,21 +258,21 @@ def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks):
         out, lse = mosaic_gpu.flash_forward_mosaic_gpu_arrays(q, k, v, meta_fwd, blocks,
                                                               config=mcfg)
         return out, lse, None, (qp, kp, vp, sqp, skp)
-    out, lse, visits = _forward(st, qp, kp, vp, sinks, sqp, skp, meta_fwd, blocks)
+    out, lse, visits = _forward(st, qp, kp, vp, sinks, sqp, skp, meta_fwd, blocks, seed)
     out = _from_bnth(out, st.q_len)
     lse = jnp.transpose(lse[:, :, : st.q_len, 0], (0, 2, 1))  # [B, T, N]
     return out, lse, visits, (qp, kp, vp, sqp, skp)
 
 
-def _flash_fwd(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks):
+def _flash_fwd(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks, seed):
     out, lse, visits, padded = _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd,
-                                               blocks)
-    res = (padded, sinks, meta_fwd, meta_bwd, blocks, out, lse)
+                                               blocks, seed)
+    res = (padded, sinks, meta_fwd, meta_bwd, blocks, seed, out, lse)
     return (out, lse, visits), res
 
 
 def _flash_bwd(st, res, cts):
-    (qp, kp, vp, sqp, skp), sinks, meta_fwd, meta_bwd, blocks, out, lse = res
+    (qp, kp, vp, sqp, skp), sinks, meta_fwd, meta_bwd, blocks, seed, out, lse = res
     d_out, d_lse = cts[0], cts[1]
     tp = qp.shape[2]
     # delta_t = sum_j p_tj dp_tj = dO_t . O_t; a cotangent on the LSE adds p * d_lse to dlogits,
@@ -274,8 +286,8 @@ def _flash_bwd(st, res, cts):
     dop = _bnth(d_out.astype(qp.dtype), tp)
     if st.cfg.backend == "mosaic_gpu":  # no Mosaic-GPU backward yet: Triton-lowered dq / dkv
         st = dataclasses.replace(st, cfg=dataclasses.replace(st.cfg, backend="triton"))
-    dq = _dq(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_fwd, blocks)
-    dk, dv = _dkv(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_bwd, blocks)
+    dq = _dq(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_fwd, blocks, seed)
+    dk, dv = _dkv(st, qp, kp, vp, dop, lse_p, delta_p, sqp, skp, meta_bwd, blocks, seed)
     dq = _from_bnth(dq, st.q_len).astype(qp.dtype)
     dk = _from_bnth(dk, st.kv_len).astype(kp.dtype)
     dv = _from_bnth(dv, st.kv_len).astype(vp.dtype)
@@ -284,7 +296,7 @@ def _flash_bwd(st, res, cts):
         # d sink = -p_sink * delta (the sink's logit has no value vector, so dp_sink = 0).
         p_sink = jnp.exp(sinks.astype(jnp.float32)[None, None, :] - lse)  # [B, T, N]
         d_sinks = (-jnp.sum(p_sink * delta, axis=(0, 1))).astype(sinks.dtype)
-    return dq, dk, dv, d_sinks, None, None, None, None, None
+    return dq, dk, dv, d_sinks, None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -301,6 +313,8 @@ def mosaic_gpu_refusal(q, v, *, has_segments: bool, has_sinks: bool,
                f"Hv={v.shape[-1]}"
     if has_segments or has_sinks:
         return "it has no segment ids or sinks yet"
+    if config.dropout_rate:
+        return "it has no dropout yet"
     if config.count_visits:
         return "it does not count visits"
     if config.block_q not in (64, 128) or config.block_kv % 64:
@@ -310,7 +324,7 @@ def mosaic_gpu_refusal(q, v, *, has_segments: bool, has_sinks: bool,
 
 
 def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
-                    q_segment_ids=None, kv_segment_ids=None, sinks=None):
+                    q_segment_ids=None, kv_segment_ids=None, sinks=None, dropout_seed=None):
     """Block-sparse flash attention (FlashAttention-2, Dao 2023): Pallas forward kernel and
     Pallas dq / dk-dv backward kernels tied by ``jax.custom_vjp``.
 
@@ -323,6 +337,9 @@ def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
       q_segment_ids, kv_segment_ids: optional int ``[B, T]`` / ``[B, S]`` document ids (may be
         traced); a query sees only keys with an equal id.
       sinks: optional ``[N]`` attention-sink logits (one extra logit per head with no value).
+      dropout_seed: uint32 ``[2]`` (e.g. ``jax.random.bits(key, (2,), jnp.uint32)``), required
+        when ``config.dropout_rate > 0``: entry ``(b, n, i, j)`` is dropped by a hash of these
+        indices and the seed (:mod:`pallas_kernels.flash.dropout`).
 
     Returns:
       ``(out [B, T, N, Hv] in q.dtype, lse [B, T, N] f32, visits)``; ``visits`` is int32
@@ -360,8 +377,15 @@ def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
                                  has_sinks=sinks is not None, config=config)
         if why is not None:
             raise ValueError(f"backend='mosaic_gpu' cannot run this call: {why}")
+    if config.dropout_rate:
+        if dropout_seed is None or dropout_seed.shape != (2,):
+            raise ValueError("config.dropout_rate > 0 needs dropout_seed, a uint32 [2] array")
+        dropout_seed = dropout_seed.astype(jnp.uint32)
+    else:
+        dropout_seed = None
     st = _Static(config, t, s, mb, mn, q_segment_ids is not None, sinks is not None)
     return _flash(st, q, k, v, sinks, q_segment_ids, kv_segment_ids,
-                  jnp.asarray(meta.fwd), jnp.asarray(meta.bwd), jnp.asarray(meta.blocks))
+                  jnp.asarray(meta.fwd), jnp.asarray(meta.bwd), jnp.asarray(meta.blocks),
+                  dropout_seed)
 
 

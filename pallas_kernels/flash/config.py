@@ -33,6 +33,9 @@ class FlashConfig:
       backend: one of :data:`BACKENDS`.
       num_warps, num_stages: Triton launch parameters (ignored elsewhere).
       count_visits: also return the number of kv blocks each query block computed (testing).
+      dropout_rate: attention dropout on the probabilities (the kernels regenerate the keep
+        mask of each tile from a hash of its global indices and the ``dropout_seed`` argument of
+        ``flash_attention``; see :mod:`pallas_kernels.flash.dropout`).
     """
 
     block_q: int = 128
@@ -43,6 +46,7 @@ class FlashConfig:
     num_warps: int = 4
     num_stages: int = 2
     count_visits: bool = False
+    dropout_rate: float = 0.0
 
     def __post_init__(self):
         for name in ("block_q", "block_kv"):
@@ -53,5 +57,7 @@ class FlashConfig:
             raise ValueError(f"FlashConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
             raise ValueError(f"logits_soft_cap must be positive, got {self.logits_soft_cap}")
+        if not (isinstance(self.dropout_rate, int | float) and 0.0 <= self.dropout_rate < 1.0):
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         if not isinstance(self.scale, int | float):
             raise TypeError(f"FlashConfig.scale must be a Python number, got {type(self.scale)}")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.flash import dropout
+
 __all__ = ["fwd_kernel", "dq_kernel", "dkv_kernel", "NEG_INIT"]
 
 # Start of the running max: finite, so that exp(m_old - m_new) is never exp(-inf + inf) = NaN,
@@ -48,6 +50,16 @@ def _logits(q, k, cfg):
         return s, None
     t = jnp.tanh(s / cfg.logits_soft_cap)
     return cfg.logits_soft_cap * t, t
+
+
+def _keep(r, cfg, b, n, q_start, k_start, bq, bk, num_heads):
+    """Dropout keep mask ``[bq, bk]`` of the tile at global ``(q_start, k_start)``, or None."""
+    if not cfg.dropout_rate:
+        return None
+    qi = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    kj = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    return dropout.keep_mask(r["seed"][0], r["seed"][1], b, n, qi, kj, cfg.dropout_rate,
+                             num_heads)
 
 
 def _allowed(elem, seg_q, seg_kv):
@@ -104,7 +116,7 @@ def _unpack(refs, names):
     return dict(zip(names, refs, strict=True))
 
 
-def fwd_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
+def fwd_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip, num_heads):
     """Forward program for one (batch, head, query tile); grid ``(B, N, nq)``.
 
     Refs (by name): meta (whole), q [bq, H], k [Sp, H], v [Sp, Hv], optional seg_q [bq, 1],
@@ -142,7 +154,10 @@ def fwd_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
         m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
         p = jnp.exp(s - m_new)
         alpha = jnp.exp(m - m_new)
-        den = alpha * den + jnp.sum(p, axis=-1, keepdims=True)
+        den = alpha * den + jnp.sum(p, axis=-1, keepdims=True)  # dropout never touches den
+        keep = _keep(r, cfg, b, n, i * bq, start, bq, bk, num_heads)
+        if keep is not None:
+            p = jnp.where(keep, p * (1.0 / (1.0 - cfg.dropout_rate)), 0.0)
         acc = alpha * acc + _dot_nn(p.astype(v.dtype), v)
         return m_new, den, acc, visits + 1
 
@@ -162,25 +177,31 @@ def fwd_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
         r["visits"][...] = jnp.full((1, 1), visits, jnp.int32)
 
 
-def _grad_tile(q, k, v, do, lse, delta, allowed, cfg):
-    """Recompute probabilities of one tile and return (p [bq, bk], ds [bq, bk]) in f32.
+def _grad_tile(q, k, v, do, lse, delta, allowed, cfg, keep=None):
+    """Recompute probabilities of one tile and return (p_v [bq, bk], ds [bq, bk]) in f32.
 
-    ``ds = dL/dlogits`` before scaling: ``p * (dp - delta)`` times the soft-cap derivative.
-    ``lse``, ``delta`` are ``[bq, 1]``; ``lse`` is +inf on rows with no visible key, which makes
-    their ``p`` exactly 0.
+    ``p_v`` multiplies V in the forward (``p``, or ``keep * p / (1 - rate)`` with dropout) and
+    gives dV. ``ds = dL/dlogits`` before scaling: ``p * (dp - delta)`` times the soft-cap
+    derivative, with ``dp`` masked and rescaled like ``p_v``. ``lse``, ``delta`` are
+    ``[bq, 1]``; ``lse`` is +inf on rows with no visible key, which makes their ``p`` exactly 0.
     """
     s, t = _logits(q, k, cfg)
     p = jnp.exp(s - lse)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
     dp = _dot_nt(do, v)
+    p_v = p
+    if keep is not None:
+        inv = 1.0 / (1.0 - cfg.dropout_rate)
+        p_v = jnp.where(keep, p * inv, 0.0)
+        dp = jnp.where(keep, dp * inv, 0.0)
     ds = p * (dp - delta)
     if t is not None:
         ds = ds * (1.0 - t * t)
-    return p, ds
+    return p_v, ds
 
 
-def dq_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
+def dq_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip, num_heads):
     """dq program for one (batch, head, query tile); grid ``(B, N, nq)``.
 
     Refs: meta (whole), q [bq, H], k [Sp, H], v [Sp, Hv], do [bq, Hv], lse [bq, 1],
@@ -199,7 +220,8 @@ def dq_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
         v = r["v"][pl.ds(start, bk), :]
         elem = None if pidx is None else r["blocks"][pidx]
         seg_kv = r["seg_kv"][:, pl.ds(start, bk)] if has_seg else None
-        _, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg)
+        keep = _keep(r, cfg, b, n, i * q.shape[0], start, q.shape[0], bk, num_heads)
+        _, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg, keep)
         return dq + _dot_nn(ds.astype(k.dtype), k)
 
     skip = None
@@ -213,7 +235,7 @@ def dq_kernel(*refs, cfg, names, meta_layout, kv_slots, seg_skip):
     r["dq"][...] = (dq * cfg.scale).astype(r["dq"].dtype)
 
 
-def dkv_kernel(*refs, cfg, names, meta_layout, q_slots, groups, seg_skip):
+def dkv_kernel(*refs, cfg, names, meta_layout, q_slots, groups, seg_skip, num_heads):
     """dk/dv program for one (batch, kv head, kv tile); grid ``(B, K, nk)``. Loops over the
     ``groups`` query heads sharing this kv head (GQA), each with its own visit list when the
     mask is per head.
@@ -242,7 +264,10 @@ def dkv_kernel(*refs, cfg, names, meta_layout, q_slots, groups, seg_skip):
             delta = r["delta"][g, pl.ds(start, bq), :]
             elem = None if pidx is None else r["blocks"][pidx]
             seg_q = r["seg_q"][pl.ds(start, bq), :] if has_seg else None
-            p, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg)
+            keep = _keep(r, cfg, b, kh * groups + g, start, j * k.shape[0], bq, k.shape[0],
+                         num_heads)
+            p, ds = _grad_tile(q, k, v, do, lse, delta, _allowed(elem, seg_q, seg_kv), cfg,
+                               keep)
             dv = dv + _dot_tn(p.astype(do.dtype), do)
             dk = dk + _dot_tn(ds.astype(q.dtype), q)
             return dk, dv
