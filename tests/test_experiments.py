@@ -27,15 +27,46 @@ def test_zoology_every_model_trains_two_steps(tmp_path):
     from experiments.zoology import experiment as zoo
 
     cfg = zoo.smoke_config()
-    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep,
-                                                             output_dir=str(tmp_path)))
+    # one extra point at another K and width: its own table row, "-" in the grid's columns
+    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(
+        cfg.sweep, output_dir=str(tmp_path), extra_points=(("baseconv", 32, 1, 8),)))
     rows = zoo.run_sweep(cfg, verbose=False)
     assert {r["model"] for r in rows} == set(cfg.sweep.models)
+    assert len(rows) == len(cfg.sweep.models) + 1
+    assert (rows[-1]["kv_pairs"], rows[-1]["width"]) == (1, 8)
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 for r in rows)
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(saved) == len(rows)
-    assert "| L (K) | model |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| L (K) | model | D=8 | D=16 |" in md
+    assert "| 32 (2) | baseconv | - |" in md and "| 32 (1) | baseconv |" in md
     assert (tmp_path / "accuracy_vs_width.png").stat().st_size > 1000
+
+
+def test_zoology_sweep_points_and_table_with_missing_cells():
+    from experiments.zoology import experiment as zoo
+
+    cfg = zoo.quick_config()
+    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(
+        cfg.sweep, models=("attention",), widths=(32,), lengths=(32, 64), kv_pairs=(4, 4),
+        batch_sizes=(64, 128), extra_points=(("baseconv", 64, 2, 128), ("based", 16, 1, 8))))
+    pts = zoo.sweep_points(cfg)
+    assert [(p["model"], p["length"], p["kv"], p["width"], p["batch"]) for p in pts] == [
+        ("attention", 32, 4, 32, 64), ("attention", 64, 4, 32, 128),
+        ("baseconv", 64, 2, 128, 128),  # batch of its length
+        ("based", 16, 1, 8, cfg.run.batch_size)]  # length not in the grid: run.batch_size
+    bad = dataclasses.replace(cfg, sweep=dataclasses.replace(
+        cfg.sweep, extra_points=(("nope", 32, 2, 64),)))
+    with pytest.raises(ValueError, match="unknown model"):
+        zoo.sweep_points(bad)
+    rows = [dict(length=n, kv_pairs=k, model=m, width=w, accuracy=a)
+            for n, k, m, w, a in [(64, 4, "attention", 32, 0.9), (32, 4, "attention", 32, 0.8),
+                                  (64, 2, "baseconv", 128, 0.6), (64, 2, "baseconv", 64, 0.5)]]
+    lines = zoo.results_table(rows).splitlines()
+    assert lines[0] == "| L (K) | model | D=32 | D=64 | D=128 |"
+    assert lines[2:] == ["| 32 (4) | attention | 0.800 | - | - |",
+                         "| 64 (4) | attention | 0.900 | - | - |",
+                         "| 64 (2) | baseconv | - | 0.500 | 0.600 |"]
 
 
 def test_cli_list_print_config_and_errors(capsys):
@@ -45,6 +76,10 @@ def test_cli_list_print_config_and_errors(capsys):
                 "-o", "optim.grad_clip_norm=none", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["run"]["steps"] == 7 and cfg["sweep"]["widths"] == [8, 16]
+    assert cli(["zoology", "--quick", "--print-config", "-o",
+                "sweep.extra_points=(baseconv,32,2,64),(based,64,4,128)"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["sweep"]["extra_points"] == [["baseconv", 32, 2, 64], ["based", 64, 4, 128]]
     assert cfg["optim"]["grad_clip_norm"] is None
     assert cli(["zoology", "--override", "run.stepz=1"]) == 2
     assert "unknown field" in capsys.readouterr().err

@@ -44,6 +44,11 @@ class SweepConfig:
     batch_sizes: tuple[int, ...] = (512, 512, 256)  # one per length
     learning_rates: tuple[float, ...] = (1e-4, 4.6416e-4, 2.1544e-3, 1e-2)  # logspace(-4,-2,4)
     skip_solved: bool = True  # skip the remaining lrs once one reaches the early-stop accuracy
+    # extra (model, length, kv_pairs, width) points trained after the grid, with the same lrs
+    # and the batch size of their length (``run.batch_size`` for a length not in the grid);
+    # override as ``sweep.extra_points=(baseconv,32,2,64),(baseconv,64,2,128)`` (one point:
+    # ``[(baseconv,32,2,64)]``; none: ``sweep.extra_points=``)
+    extra_points: tuple[tuple[str, int, int, int], ...] = ()
     output_dir: str = str(HERE / "results")
 
 
@@ -62,10 +67,11 @@ def default_config() -> ExperimentConfig:
 
 
 def quick_config() -> ExperimentConfig:
-    """The CPU preset (about 7 minutes on 2 cores): V = 256, (L, K) in {(32, 4), (64, 4)},
+    """The CPU preset (about 9 minutes on 2 cores): V = 256, (L, K) in {(32, 4), (64, 4)},
     widths 32/64, one learning rate (3e-3 constant after a 30-step warmup; widen with
     ``sweep.learning_rates=1e-3,3e-3,1e-2``), at most 1000 steps of batch 128 with early stop
-    at 0.99 test accuracy.
+    at 0.99 test accuracy; plus BaseConv at K = 2 (D = 32, 64 at L = 32; D = 64, 128 at
+    L = 64) for its width-vs-length trend (``sweep.extra_points``).
 
     One departure in the models: the q/k/v kernels of the softmax attentions start from
     N(0, 0.1) instead of the reference's N(0, 0.02) (``model.attn_init_std``). With 0.02 the
@@ -84,9 +90,15 @@ def quick_config() -> ExperimentConfig:
         optim=dataclasses.replace(cfg.optim, warmup_steps=30, schedule="constant"),
         run=dataclasses.replace(cfg.run, steps=1000, batch_size=128, eval_every=100,
                                 eval_batch_size=250, log_every=50, progress=False),
+        # BaseConv stays at 1/K with K = 4 up to D = 256 in this budget (README), so 4 extra
+        # BaseConv points at K = 2 show its width-vs-length trend: ~0.7 at L = 32 from D = 64,
+        # while L = 64 needs D = 128 for about the same
         sweep=dataclasses.replace(cfg.sweep, widths=(32, 64), lengths=(32, 64),
                                   kv_pairs=(4, 4), batch_sizes=(128, 128),
-                                  learning_rates=(3e-3,)),
+                                  learning_rates=(3e-3,),
+                                  extra_points=(("baseconv", 32, 2, 32), ("baseconv", 32, 2, 64),
+                                                ("baseconv", 64, 2, 64),
+                                                ("baseconv", 64, 2, 128))),
     )
 
 
@@ -102,7 +114,7 @@ def smoke_config() -> ExperimentConfig:
                                 eval_batch_size=8, progress=False),
         sweep=dataclasses.replace(cfg.sweep, widths=(16,), lengths=(32,), kv_pairs=(2,),
                                   batch_sizes=(8,), learning_rates=(1e-2,),
-                                  models=tuple(MODELS)),
+                                  models=tuple(MODELS), extra_points=()),
     )
 
 
@@ -166,36 +178,56 @@ def point_config(cfg: ExperimentConfig, *, model: str, width: int, length: int, 
     )
 
 
-def run_sweep(cfg: ExperimentConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
-    """Train every (length, model, width, lr) point; keep the best lr per (length, model,
-    width). Writes ``results.json``, ``results.md`` and ``accuracy_vs_width.png``."""
+def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The ``(model, width, length, kv, batch)`` points of the sweep, in training order: the
+    length x model x width grid, then ``sweep.extra_points``."""
     sw: SweepConfig = cfg.sweep
     if not (len(sw.lengths) == len(sw.kv_pairs) == len(sw.batch_sizes)):
         raise ValueError("sweep.lengths, sweep.kv_pairs and sweep.batch_sizes must align")
+    batch_of = dict(zip(sw.lengths, sw.batch_sizes, strict=True))
+    points = [dict(model=m, width=w, length=n, kv=k, batch=b)
+              for n, k, b in zip(sw.lengths, sw.kv_pairs, sw.batch_sizes, strict=True)
+              for m in sw.models for w in sw.widths]
+    for item in sw.extra_points:
+        if len(item) != 4:
+            raise ValueError(f"sweep.extra_points items are (model, length, kv_pairs, width), "
+                             f"got {item!r}")
+        model, length, kv, width = item
+        if model not in MODELS:
+            raise ValueError(f"sweep.extra_points: unknown model {model!r}; "
+                             f"choose from {sorted(MODELS)}")
+        points.append(dict(model=model, width=width, length=length, kv=kv,
+                           batch=batch_of.get(length, cfg.run.batch_size)))
+    return points
+
+
+def run_sweep(cfg: ExperimentConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
+    """Train every point of :func:`sweep_points` at each learning rate; keep the best lr per
+    point. Writes ``results.json``, ``results.md`` and ``accuracy_vs_width.png``."""
+    sw: SweepConfig = cfg.sweep
+    points = sweep_points(cfg)
     out = pathlib.Path(sw.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     t_start = time.time()
-    for length, kv, batch in zip(sw.lengths, sw.kv_pairs, sw.batch_sizes, strict=True):
-        for model in sw.models:
-            for width in sw.widths:
-                best: dict[str, Any] | None = None
-                for lr in sw.learning_rates:
-                    pcfg = point_config(cfg, model=model, width=width, length=length, kv=kv,
-                                        batch=batch, lr=lr)
-                    res = train(pcfg, build_task(pcfg), desc=f"{model} D={width} L={length}")
-                    acc = res.eval_metrics.get("accuracy", float("nan"))
-                    rec = {"length": length, "kv_pairs": kv, "model": model, "width": width,
-                           "lr": lr, "accuracy": acc, "steps": res.step,
-                           "seconds": round(res.seconds, 1)}
-                    if verbose:
-                        print(json.dumps(rec), flush=True)
-                    if best is None or acc > best["accuracy"]:
-                        best = rec
-                    if sw.skip_solved and cfg.run.early_stop_metric and \
-                            acc > cfg.run.early_stop_above:
-                        break
-                rows.append(best)
+    for pt in points:
+        model, width, length, kv = pt["model"], pt["width"], pt["length"], pt["kv"]
+        best: dict[str, Any] | None = None
+        for lr in sw.learning_rates:
+            pcfg = point_config(cfg, lr=lr, **pt)
+            res = train(pcfg, build_task(pcfg), desc=f"{model} D={width} L={length} K={kv}")
+            acc = res.eval_metrics.get("accuracy", float("nan"))
+            rec = {"length": length, "kv_pairs": kv, "model": model, "width": width,
+                   "lr": lr, "accuracy": acc, "steps": res.step,
+                   "seconds": round(res.seconds, 1)}
+            if verbose:
+                print(json.dumps(rec), flush=True)
+            if best is None or acc > best["accuracy"]:
+                best = rec
+            if sw.skip_solved and cfg.run.early_stop_metric and \
+                    acc > cfg.run.early_stop_above:
+                break
+        rows.append(best)
     total = time.time() - t_start
     (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": total}, indent=1))
     table = results_table(rows)
@@ -207,32 +239,42 @@ def run_sweep(cfg: ExperimentConfig, *, verbose: bool = True) -> list[dict[str, 
     return rows
 
 
+def _groups(rows: list[dict[str, Any]]):
+    """``(length, kv_pairs, model)`` keys in display order: by length, then first appearance
+    (the sort is stable)."""
+    keys = dict.fromkeys((r["length"], r["kv_pairs"], r["model"]) for r in rows)
+    return sorted(keys, key=lambda g: g[0])
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per (length, model), one column per width (best-lr accuracy)."""
+    """Markdown table: one row per (length, K, model), one column per width (best-lr
+    accuracy); "-" where a row has no point at that width."""
     widths = sorted({r["width"] for r in rows})
     out = []
-    for length in sorted({r["length"] for r in rows}):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            cells = {r["width"]: r for r in rows if r["length"] == length and r["model"] == model}
-            if not cells:
-                continue
-            row = {"L (K)": f"{length} ({next(iter(cells.values()))['kv_pairs']})",
-                   "model": model}
-            for w in widths:
-                row[f"D={w}"] = f"{cells[w]['accuracy']:.3f}" if w in cells else "-"
-            out.append(row)
+    for length, kv, model in _groups(rows):
+        cells = {r["width"]: r for r in rows
+                 if (r["length"], r["kv_pairs"], r["model"]) == (length, kv, model)}
+        row = {"L (K)": f"{length} ({kv})", "model": model}
+        for w in widths:
+            row[f"D={w}"] = f"{cells[w]['accuracy']:.3f}" if w in cells else "-"
+        out.append(row)
     return format_table(out)
 
 
 def plot_results(rows: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
+    """One panel per length, one line per (model, K); a line is labelled with its K when the
+    panel holds more than one K."""
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    groups = _groups(rows)
     for length in sorted({r["length"] for r in rows}):
+        mine = [g for g in groups if g[0] == length]
+        several_k = len({g[1] for g in mine}) > 1
         series: dict[str, tuple[list[float], list[float]]] = {}
-        for model in dict.fromkeys(r["model"] for r in rows):
+        for _, kv, model in mine:
             pts = sorted((r["width"], r["accuracy"]) for r in rows
-                         if r["length"] == length and r["model"] == model)
-            if pts:
-                series[model] = ([p[0] for p in pts], [p[1] for p in pts])
+                         if (r["length"], r["kv_pairs"], r["model"]) == (length, kv, model))
+            label = f"{model} (K={kv})" if several_k else model
+            series[label] = ([p[0] for p in pts], [p[1] for p in pts])
         panels[f"L = {length}"] = series
     return plot_lines(panels, path, xlabel="model width D", ylabel="MQAR accuracy", logx=True,
                       ylim=(0.0, 1.02), title="MQAR accuracy vs width (best lr)")
