@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxattn.train.sources._common import checked_index
+
 __all__ = ["IGNORE_INDEX", "MQARSource", "mqar_example", "multiquery_ar", "split_seed"]
 
 IGNORE_INDEX = -100
@@ -147,9 +149,7 @@ class MQARSource:
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"index {index} out of range [0, {self.num_examples})")
+        index = checked_index(index, self.num_examples)
         rng = np.random.default_rng([self.seed, index])
         inputs, labels = mqar_example(
             rng, vocab_size=self.vocab_size, seq_len=self.seq_len,

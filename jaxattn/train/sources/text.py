@@ -14,6 +14,8 @@ import sysconfig
 
 import numpy as np
 
+from jaxattn.train.sources._common import checked_index
+
 __all__ = ["CharTextSource", "default_corpus_dir", "load_corpus"]
 
 VOCAB_SIZE = 256
@@ -85,9 +87,7 @@ class CharTextSource:
         return self.num_examples
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"index {index} out of range [0, {self.num_examples})")
+        index = checked_index(index, self.num_examples)
         split_id = 0 if self.split == "train" else 1
         start = int(np.random.default_rng([self.seed, split_id, index]).integers(
             0, self._starts + 1))
