@@ -22,6 +22,7 @@ in natural order and permuted / un-permuted here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -276,22 +277,7 @@ def context_parallel_attention(
         st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
                       partial_masks=partial_masks)
 
-        bias_args, bias_spec = [], []
-        if bias is not None:  # local query rows against every key; hops slice their columns
-            bias_args, bias_spec = [bias], [_rows_spec(bias, bspec, hspec, axis)]
-
-        def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
-            q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
-            bl = bias_local[0] if bias_local else None
-            out, lse = ring_attention_local(st, q, k, v, qp, kp, qs, ks, leaves, bl)
-            return relayout_out(out, lse)
-
-        fn = _shard_map(body, mesh,
-                        in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
-                                  seg_spec, [P()] * len(leaves), *bias_spec),
-                        out_specs=(qkv_spec, P(bspec, axis, hspec)))
-        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
-                      *bias_args)
+        local = functools.partial(ring_attention_local, st)
     else:
         if strategy == "all_gather" and st.head_axis is None and not st.batch_axes:
             # A static global mask gives every device a static local mask (one compiled branch
@@ -301,30 +287,31 @@ def context_parallel_attention(
                 kinds, partial_masks = per_device
                 st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
                               partial_masks=partial_masks)
-        bias_args, bias_spec = [], []
-        if bias is not None:
-            bias_b = bspec if bias.shape[0] > 1 else None
-            if strategy == "all_gather":
-                bias_spec = [_rows_spec(bias, bspec, hspec, axis)]
-            else:
-                heads = _spec_axes(tuple(a for a in (head_ax, axis) if a))
-                bias_spec = [P(bias_b, heads if bias.shape[1] > 1 else None, None, None)]
-            bias_args = [bias]
         strat = _all_gather_local if strategy == "all_gather" else _ulysses_local
-        natural = load_balance is None
+        local = functools.partial(strat, st, natural=load_balance is None, n_loc=n_loc)
 
-        def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
-            q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
-            bl = bias_local[0] if bias_local else None
-            out, lse = strat(st, q, k, v, qp, kp, qs, ks, leaves, bl, natural, n_loc)
-            return relayout_out(out, lse)
+    bias_args, bias_spec = [], []
+    if bias is not None:
+        if strategy == "ulysses":  # heads split over (head axis, context), whole sequence
+            heads = _spec_axes(tuple(a for a in (head_ax, axis) if a))
+            spec = P(bspec if bias.shape[0] > 1 else None,
+                     heads if bias.shape[1] > 1 else None, None, None)
+        else:  # local query rows against every key (ring hops slice the columns they need)
+            spec = _rows_spec(bias, bspec, hspec, axis)
+        bias_args, bias_spec = [bias], [spec]
 
-        fn = _shard_map(body, mesh,
-                        in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
-                                  seg_spec, [P()] * len(leaves), *bias_spec),
-                        out_specs=(qkv_spec, P(bspec, axis, hspec)))
-        out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
-                      *bias_args)
+    def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
+        q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
+        bl = bias_local[0] if bias_local else None
+        out, lse = local(q, k, v, qp, kp, qs, ks, leaves, bl)
+        return relayout_out(out, lse)
+
+    fn = _shard_map(body, mesh,
+                    in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
+                              seg_spec, [P()] * len(leaves), *bias_spec),
+                    out_specs=(qkv_spec, P(bspec, axis, hspec)))
+    out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
+                  *bias_args)
 
     if global_lb is not None:
         inv = jnp.asarray(layout.inverse_permutation(q_perm))
