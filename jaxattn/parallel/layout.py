@@ -301,6 +301,17 @@ def from_balanced(x, axis_name: str, num_shards: int, load_balance: str | None, 
 _MAX_STATIC_ELEMENTS = 1 << 26
 
 
+def _shared_index(local, q_len: int, kv_len: int, seen: dict, masks: list) -> int:
+    """Index of ``local``'s boolean ``[q_len, kv_len]`` pattern in ``masks``, appending it when
+    new: blocks with the same pattern share one static mask (one compiled branch)."""
+    pattern = np.asarray(local.evaluate(np.arange(q_len), np.arange(kv_len)))
+    key = np.packbits(pattern).tobytes() + str(pattern.shape).encode()
+    if key not in seen:
+        seen[key] = len(masks)
+        masks.append(local)
+    return seen[key]
+
+
 def static_partial_masks(
     mask: masks_lib.Mask | None,
     kinds: np.ndarray,
@@ -333,12 +344,7 @@ def static_partial_masks(
         src = (i - h) % p
         qp = q_perm[i * tl:(i + 1) * tl].astype(np.int32)
         kp = kv_perm[src * sl:(src + 1) * sl].astype(np.int32)
-        local = AtPositions(static, qp, kp)
-        key = np.packbits(np.asarray(local.evaluate(np.arange(tl), np.arange(sl)))).tobytes()
-        if key not in seen:
-            seen[key] = len(masks)
-            masks.append(local)
-        out[i, h] = static_base + seen[key]
+        out[i, h] = static_base + _shared_index(AtPositions(static, qp, kp), tl, sl, seen, masks)
     return out, tuple(masks)
 
 
@@ -369,11 +375,6 @@ def static_device_masks(
     seen: dict[bytes, int] = {}
     for i in range(p):
         local = AtPositions(static, q_perm[i * tl:(i + 1) * tl].astype(np.int32), kp)
-        pattern = np.asarray(local.evaluate(np.arange(tl), np.arange(kp.shape[0])))
-        key = np.packbits(pattern).tobytes() + str(pattern.shape).encode()
-        if key not in seen:
-            seen[key] = len(masks)
-            masks.append(local)
-        kinds[i, 0] = static_base + seen[key]
+        kinds[i, 0] = static_base + _shared_index(local, tl, kp.shape[0], seen, masks)
     return kinds, tuple(masks)
 
