@@ -9,7 +9,7 @@ Additive bias is refused with a reason.
 
 Platforms: on CPU the kernel runs in the Pallas interpreter (slow; for tests and debugging), and
 ``implementation=None`` never picks it there. On GPU the forward is the Hopper Mosaic-GPU kernel
-when it applies (bf16/f16, head dims 64/128/256, no segment ids or sinks), else the Triton
+when it applies (bf16/f16, head dims 64/128/256, no segment ids, sinks or dropout), else the Triton
 lowering; the backward is Triton-lowered. The GPU and TPU (Mosaic) paths lower (checked from
 CPU) but have never run on a device, so automatic selection does not pick
 them either until ``HARDWARE_VALIDATED`` is set after the tests pass on the device;

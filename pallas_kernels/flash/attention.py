@@ -251,12 +251,8 @@ def _flash(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, meta_bwd, blocks, seed):
 def _flash_fwd_impl(st, q, k, v, sinks, seg_q, seg_kv, meta_fwd, blocks, seed):
     qp, kp, vp, sqp, skp = _pad_inputs(st, q, k, v, seg_q, seg_kv)
     if st.cfg.backend == "mosaic_gpu":  # Hopper forward on the [B, T, N, H] inputs as given
-        cfg = st.cfg
-        mcfg = mosaic_gpu.MosaicGPUConfig(block_q=cfg.block_q, block_kv=cfg.block_kv,
-                                          scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
-                                          num_stages=cfg.num_stages)
-        out, lse = mosaic_gpu.flash_forward_mosaic_gpu_arrays(q, k, v, meta_fwd, blocks,
-                                                              config=mcfg)
+        out, lse = mosaic_gpu.flash_forward_mosaic_gpu_arrays(
+            q, k, v, meta_fwd, blocks, config=_mosaic_config(st.cfg))
         return out, lse, None, (qp, kp, vp, sqp, skp)
     out, lse, visits = _forward(st, qp, kp, vp, sinks, sqp, skp, meta_fwd, blocks, seed)
     out = _from_bnth(out, st.q_len)
@@ -317,10 +313,18 @@ def mosaic_gpu_refusal(q, v, *, has_segments: bool, has_sinks: bool,
         return "it has no dropout yet"
     if config.count_visits:
         return "it does not count visits"
-    if config.block_q not in (64, 128) or config.block_kv % 64:
-        return f"tiles must be block_q in (64, 128), block_kv a multiple of 64, got " \
-               f"{(config.block_q, config.block_kv)}"
+    try:  # the tile rules live in MosaicGPUConfig
+        _mosaic_config(config)
+    except ValueError as e:
+        return str(e)
     return None
+
+
+def _mosaic_config(cfg: FlashConfig) -> mosaic_gpu.MosaicGPUConfig:
+    """The Mosaic-GPU kernel's config for ``cfg`` (ValueError if its tiles do not fit it)."""
+    return mosaic_gpu.MosaicGPUConfig(block_q=cfg.block_q, block_kv=cfg.block_kv,
+                                      scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
+                                      num_stages=cfg.num_stages)
 
 
 def flash_attention(q, k, v, meta: BlockSparseMeta, *, config: FlashConfig,
