@@ -143,13 +143,17 @@ def _hops(st: RingStatic, step, carry, block):
     return carry
 
 
+def _source(st: RingStatic, h):
+    """The device whose kv block this device holds at hop ``h`` (blocks move one device on)."""
+    return (jax.lax.axis_index(st.axis) - h) % st.axis_size
+
+
 def _bias_block(st: RingStatic, bias, h, kv_len):
     """Columns of the local bias rows ``[Bb, Nb, Tl|1, S|1]`` for the kv block held at hop ``h``
     (it came from device ``(d - h) mod P``; columns are in the sharded kv order)."""
     if bias is None or bias.shape[3] == 1:
         return bias
-    src = (jax.lax.axis_index(st.axis) - h) % st.axis_size
-    return jax.lax.dynamic_slice_in_dim(bias, src * kv_len, kv_len, 3)
+    return jax.lax.dynamic_slice_in_dim(bias, _source(st, h) * kv_len, kv_len, 3)
 
 
 def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
@@ -245,7 +249,7 @@ def _ring_bwd(st, res, cts):
                                                                                   kv_len)))
         dq, dk, dv = dq + dq_h, dk + dk_h, dv + dv_h
         if db is not None and split:
-            src = (jax.lax.axis_index(st.axis) - h) % st.axis_size
+            src = _source(st, h)
             cur = jax.lax.dynamic_slice_in_dim(db, src * kv_len, kv_len, 3)
             db = jax.lax.dynamic_update_slice_in_dim(db, cur + db_h, src * kv_len, 3)
         elif db is not None:
