@@ -103,7 +103,12 @@ CHILD = textwrap.dedent('''
 def _child(tmp_path, ckpt, out, slow):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=os.path.join(ROOT, "tests")))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+    # The three runs compile the same programs: a compilation cache shared by them (this test's
+    # own directory) lets the later ones load the executables instead of compiling again.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(slow)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -113,11 +118,19 @@ def _steps(ckpt):
         else []
 
 
+def _saved(ckpt, step):
+    return any(s >= step for s in _steps(ckpt))
+
+
 def test_sigkill_then_resume_gives_identical_parameters(tmp_path):
-    ref = _child(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref.npz", 0.0)
-    killed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.1)
     deadline = time.time() + 240
-    while time.time() < deadline and not [s for s in _steps(tmp_path / "ckpt") if s >= 12]:
+    ref = _child(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref.npz", 0.0)
+    # The killed run starts once the reference has compiled its train step and saved a first
+    # checkpoint (or finished): it then loads the step from the cache; the two still overlap.
+    while time.time() < deadline and ref.poll() is None and not _saved(tmp_path / "ref_ckpt", 4):
+        time.sleep(0.05)
+    killed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.1)
+    while time.time() < deadline and not _saved(tmp_path / "ckpt", 12):
         assert killed.poll() is None, killed.stdout.read()
         time.sleep(0.05)
     os.kill(killed.pid, signal.SIGKILL)

@@ -55,9 +55,12 @@ def reference_results():
     ref = lambda q, k, v, **kw: jaxattn.dot_product_attention(
         q, k, v, implementation="reference", **kw)
     out = {}
-    loss, grads, new = train_step(params, x, seg, target, ref)
+    # one jitted program instead of op-by-op dispatch (differences ~1e-9, far below the test's
+    # 2e-5); the strategies all share this single-device result
+    y, (loss, grads, new) = jax.jit(lambda p, x, seg, t: (
+        model(p, x, seg, ref), train_step(p, x, seg, t, ref)))(params, x, seg, target)
     for s in STRATEGIES:
-        out[f"{s}_y"] = model(params, x, seg, ref)
+        out[f"{s}_y"] = y
         out[f"{s}_loss"] = loss
         for name in params:
             out[f"{s}_grad_{name}"] = grads[name]
@@ -79,14 +82,14 @@ def sharded_results():
     for s in STRATEGIES:
         attn = lambda q, k, v, s=s, **kw: context_parallel_attention(
             q, k, v, mesh=mesh, strategy=s, implementation="xla_chunked", **kw)
-        y = jax.jit(lambda p, x, seg, attn=attn: model(p, x, seg, attn))(ps, xs, ss)
-        loss, grads, new = jax.jit(
-            lambda p, x, seg, t, attn=attn: train_step(p, x, seg, t, attn))(ps, xs, ss, ts)
+        # forward and training step in one program: one compilation per strategy
+        y, (loss, grads, new) = jax.jit(
+            lambda p, x, seg, t, attn=attn: (model(p, x, seg, attn),
+                                             train_step(p, x, seg, t, attn)))(ps, xs, ss, ts)
         out[f"{s}_y"] = y
         out[f"{s}_loss"] = loss
         for name in params:
             out[f"{s}_grad_{name}"] = grads[name]
             out[f"{s}_new_{name}"] = new[name]
-    # replicate every result so each process can read all of it
-    rep = NamedSharding(mesh, P())
-    return {k: jax.jit(lambda a: a, out_shardings=rep)(v) for k, v in out.items()}
+    # replicate every result so each process can read all of it (one program for all of them)
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))(out)
