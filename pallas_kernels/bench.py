@@ -96,8 +96,8 @@ def _fwd_bwd(f):
 
 def visited_tiles(q, k, v, wl: Workload, block: int) -> int:
     """Tiles the kernel computed, summed over batch and heads (from its visit counter)."""
-    from jaxattn.ops import pallas_backend
-    from jaxattn.ops.attention import make_call
+    from jaxattn.ops.backends import pallas as pallas_backend
+    from jaxattn.ops.call import make_call
     from pallas_kernels import flash
 
     call, _ = make_call(q, k, v, **wl.jaxattn_kw)
@@ -114,7 +114,8 @@ def visited_tiles(q, k, v, wl: Workload, block: int) -> int:
 
 def run(args) -> list[dict]:
     import jaxattn
-    from jaxattn.ops import pallas_backend
+    from jaxattn.ops.backends import pallas as pallas_backend
+    from jaxattn.ops.call import make_call
 
     platform = jax.default_backend()
     dtype = jnp.dtype(args.dtype)
@@ -131,7 +132,7 @@ def run(args) -> list[dict]:
         flops = tiles * 2.0 * blk * blk * (h + h) * (3.5 if args.backward else 1.0)
 
         def ours(q, k, v, wl=wl):
-            call, _ = jaxattn.ops.attention.make_call(q, k, v, **wl.jaxattn_kw)
+            call, _ = make_call(q, k, v, **wl.jaxattn_kw)
             return pallas_backend.run(call, blk, blk)[0]
 
         fns = {"pallas": ours,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxattn.core.neighborhood import normalize_params
-from jaxattn.ops.neighborhood import _tile_tables, default_q_tile, neighborhood_attention
+from jaxattn.core.neighborhood_xla import default_q_tile, tile_tables
+from jaxattn.ops.neighborhood import neighborhood_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ def test_xla_is_jittable_and_never_builds_l_by_l():
     # the largest intermediate is the tiled logits B * N * L_padded * halo; dense attention would
     # need B * N * L * L (8x more here, and the gap grows with L)
     p = normalize_params((32, 32), 5)
-    _, _, tq, hl = _tile_tables((32, 32), p, default_q_tile((32, 32), p))["dims"]
+    _, _, tq, hl = tile_tables((32, 32), p, default_q_tile((32, 32), p))["dims"]
     assert max(sizes) <= 2 * 2 * total * hl, (max(sizes), hl)
     assert 2 * 2 * total * hl <= 2 * 2 * total * total // 8
     np.testing.assert_allclose(jax.jit(f)(q, k, v),
@@ -155,9 +156,9 @@ def test_xla_any_tile_shape(q_tile):
 
 def test_xla_chunked_tiles_match(monkeypatch):
     """Large problems run the tiles in sequential rematerialised chunks: same values and grads."""
-    import jaxattn.ops.neighborhood as na_ops
+    import jaxattn.core.neighborhood_xla as na_xla
 
-    monkeypatch.setattr(na_ops, "_CHUNK_BYTES", 2000)  # force many chunks on a small case
+    monkeypatch.setattr(na_xla, "_CHUNK_BYTES", 2000)  # force many chunks on a small case
     check_forward("xla", CASES["3d-6x7x5-mixed"])
     check_grads("xla", CASES["2d-13x11-mixed-causal-gqa-extra"])
 

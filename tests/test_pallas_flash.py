@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 import jaxattn
 from jaxattn import masks as M
 from jaxattn.core import dense
-from jaxattn.ops import pallas_backend
 from jaxattn.ops.attention import make_call
+from jaxattn.ops.backends import pallas as pallas_backend
 from pallas_kernels import flash
 
 B, T, S, N, K, H = 2, 37, 45, 4, 2, 16

@@ -272,8 +272,6 @@ def test_all_gather_and_ulysses_run_the_pallas_kernel(strategy, balance):
     """A static global mask gives each device a static local mask, so Pallas (interpreted on
     CPU) runs inside all_gather (one branch per distinct device pattern) and Ulysses."""
     pytest.importorskip("pallas_kernels")
-    import jaxattn.ops.pallas_backend  # noqa: F401  (registers implementation="pallas")
-
     mesh = make_mesh(data=2, context=4)
     q, k, v = rand_inputs(seed=12, b=2, t=32, s=32, n=4, k=2, h=8)
     attn = functools.partial(context_parallel_attention, mesh=mesh, strategy=strategy,
@@ -296,8 +294,6 @@ def test_all_gather_static_device_masks():
 def test_ring_runs_the_pallas_kernel_per_device():
     """Static per-block masks let the Pallas kernel (interpreted on CPU) run every ring hop."""
     pytest.importorskip("pallas_kernels")
-    import jaxattn.ops.pallas_backend  # noqa: F401  (registers implementation="pallas")
-
     mesh = make_mesh(data=2, context=4)
     q, k, v = rand_inputs(seed=11, b=2, t=32, s=32, n=4, k=2, h=8)
     attn = functools.partial(context_parallel_attention, mesh=mesh, strategy="ring",

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxattn import masks as masks_lib
-from jaxattn.ops.attention import make_call
+from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
 from jaxattn.parallel.ring import (
     STATIC_BASE,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxattn.ops.attention import dot_product_attention, make_call
+from jaxattn.ops.attention import dot_product_attention
+from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
 from jaxattn.parallel.context import _pick_batch_axes, _shard_map, _size, _spec_axes
 

@@ -58,7 +58,7 @@ Routing the GPU forward through it (for the lead; not done here)
   ``_flash_bwd`` run ``_dq`` / ``_dkv`` with ``dataclasses.replace(st, cfg=dataclasses.replace(
   st.cfg, backend="triton"))``: with no compiler params a GPU ``pallas_call`` would go to the
   Mosaic-GPU lowering, which cannot lower those Triton-style kernels.
-* ``jaxattn/ops/pallas_backend.py``: for ``platform == "gpu"`` use ``block_q = 128`` (two consumer
+* ``jaxattn/ops/backends/pallas.py``: for ``platform == "gpu"`` use ``block_q = 128`` (two consumer
   warpgroups) and ``block_kv = 64``; in ``supports()`` send calls with segment ids, sinks or f32
   inputs to the Triton backend (``backend="triton"``) instead of refusing them, and keep
   ``HARDWARE_VALIDATED`` False until ``tests/test_pallas_flash_mosaic_gpu.py``-style checks pass

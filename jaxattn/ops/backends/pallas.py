@@ -1,24 +1,37 @@
-"""Registers ``implementation="pallas"``: the block-sparse Pallas flash-attention kernels.
+"""``implementation="pallas"`` for ``dot_product_attention``: the block-sparse Pallas flash kernels.
 
-The adapter turns an :class:`~jaxattn.ops.attention.AttentionCall` into kernel arguments: the
+Refuses, with the reason in ``explain()``:
+
+* an additive ``bias`` (the kernels have no bias input; use a Mask, or ``xla_chunked``);
+* a traced ``scale`` (a static kernel parameter);
+* dtypes other than float32 / bfloat16 / float16;
+* a mask holding traced arrays (its block structure must be known at trace time; packed documents
+  go in as segment ids, which the kernels read as arrays);
+* platforms without a Pallas lowering (anything but CPU, GPU, TPU);
+* on GPU / TPU, head dims outside 64 / 128 / 256;
+* on TPU, calls whose block metadata overflows SMEM or whose K and V of one kv head overflow VMEM.
+
+Automatic selection never picks it on CPU (the kernels run in the slow Pallas interpreter there)
+nor on GPU / TPU until ``HARDWARE_VALIDATED`` is set after the tests pass on the device: the
+Mosaic-GPU, Triton and Mosaic-TPU lowerings are checked from CPU but have never run on a device.
+``implementation="pallas"`` opts in.
+
+The adapter turns an :class:`~jaxattn.ops.call.AttentionCall` into kernel arguments: the
 structured mask becomes block metadata on the host (``Mask.block_info`` -> visit lists, cached per
 mask and shape), segment ids stay arrays (evaluated per tile inside the kernel, so packed
 documents need no ``[T, S]`` mask), GQA, soft-cap, sinks and unaligned lengths go straight to the
-kernel. Dropout uses the reference's position-hash mask (the kernels regenerate it per tile).
-Additive bias is refused with a reason.
+kernel. Dropout uses the reference's position-hash mask (the kernels regenerate it per tile). On
+GPU the forward is the Hopper Mosaic-GPU kernel when it applies (bf16/f16, head dims 64/128/256, no
+segment ids, sinks or dropout), else the Triton lowering; the backward is Triton-lowered.
 
-Platforms: on CPU the kernel runs in the Pallas interpreter (slow; for tests and debugging), and
-``implementation=None`` never picks it there. On GPU the forward is the Hopper Mosaic-GPU kernel
-when it applies (bf16/f16, head dims 64/128/256, no segment ids, sinks or dropout), else the Triton
-lowering; the backward is Triton-lowered. The GPU and TPU (Mosaic) paths lower (checked from
-CPU) but have never run on a device, so automatic selection does not pick
-them either until ``HARDWARE_VALIDATED`` is set after the tests pass on the device;
-``implementation="pallas"`` opts in.
+``pallas_kernels.flash`` (and with it ``jax.experimental.pallas.mosaic_gpu``) is imported on first
+use (:func:`flash_kernels`), not when ``jaxattn`` is imported.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,21 +39,31 @@ import jax.numpy as jnp
 from jaxattn import masks as masks_lib
 from jaxattn.core import dropout as dropout_lib
 from jaxattn.ops import registry
-from jaxattn.ops.attention import PRIMITIVE, AttentionCall
-from pallas_kernels import flash
+from jaxattn.ops.call import AttentionCall
 
-__all__ = ["run", "supports", "prefer", "flash_config_for", "meta_for", "HARDWARE_VALIDATED"]
+if TYPE_CHECKING:
+    from pallas_kernels.flash import BlockSparseMeta, FlashConfig
+
+__all__ = ["run", "supports", "prefer", "flash_config_for", "meta_for", "flash_kernels",
+           "HARDWARE_VALIDATED", "BACKEND"]
 
 # Flip to True once the GPU / TPU lowerings have passed the test suite on the device.
 HARDWARE_VALIDATED = False
 
-# The kernel's block classes use the same codes as jaxattn.masks.
-assert (flash.EMPTY, flash.PARTIAL, flash.FULL) == (
-    masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL)
-
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HW_HEAD_DIMS = (64, 128, 256)
 DEFAULT_BLOCK = 128
+
+
+@functools.cache
+def flash_kernels():
+    """The ``pallas_kernels.flash`` module, imported on the first call."""
+    from pallas_kernels import flash
+
+    # The kernel's block classes use the same codes as jaxattn.masks.
+    assert (flash.EMPTY, flash.PARTIAL, flash.FULL) == (
+        masks_lib.EMPTY, masks_lib.PARTIAL, masks_lib.FULL)
+    return flash
 
 
 def _block(length: int, cap: int = DEFAULT_BLOCK) -> int:
@@ -49,9 +72,10 @@ def _block(length: int, cap: int = DEFAULT_BLOCK) -> int:
 
 
 def flash_config_for(call: AttentionCall, block_q: int | None = None,
-                     block_kv: int | None = None) -> flash.FlashConfig:
+                     block_kv: int | None = None) -> FlashConfig:
     """The kernel config used for ``call`` (block sizes: the arguments, else the call's
     ``Implementation`` tile sizes, else :func:`_block`)."""
+    flash = flash_kernels()
     block_q, block_kv = block_q or call.block_q, block_kv or call.block_kv
     d = call.shape
     backend = flash.default_backend(call.platform)
@@ -74,7 +98,8 @@ def flash_config_for(call: AttentionCall, block_q: int | None = None,
 
 
 @functools.lru_cache(maxsize=64)
-def _meta_cached(mask, q_len: int, kv_len: int, bq: int, bk: int) -> flash.BlockSparseMeta:
+def _meta_cached(mask, q_len: int, kv_len: int, bq: int, bk: int) -> BlockSparseMeta:
+    flash = flash_kernels()
     if mask is None:
         return flash.dense_meta(q_len, kv_len, bq, bk)
     info = mask.block_info(q_len, kv_len, bq, bk)
@@ -82,7 +107,7 @@ def _meta_cached(mask, q_len: int, kv_len: int, bq: int, bk: int) -> flash.Block
 
 
 def meta_for(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_q: int,
-             block_kv: int) -> flash.BlockSparseMeta:
+             block_kv: int) -> BlockSparseMeta:
     """Kernel visit lists for a static mask (``None`` = no mask) on a ``block_q x block_kv``
     grid. Padded key columns are masked through the partial tiles."""
     return _meta_cached(None if mask is None else mask.static(), int(q_len), int(kv_len),
@@ -158,12 +183,12 @@ def run(call: AttentionCall, block_q: int | None = None, block_kv: int | None = 
     seed = None
     if call.dropout_rate > 0:  # the reference's position-hash mask: same entries dropped
         seed = dropout_lib.dropout_seed(call.dropout_rng)
-    out, lse, _ = flash.flash_attention(
+    out, lse, _ = flash_kernels().flash_attention(
         call.query, call.key, call.value, meta, config=cfg, q_segment_ids=seg_q,
         kv_segment_ids=seg_kv, sinks=call.sinks, dropout_seed=seed,
     )
     return out, lse
 
 
-registry.register(PRIMITIVE, registry.Backend(
-    "pallas", run, supports=supports, prefer=prefer, priority=20, tiled=True))
+BACKEND = registry.Backend("pallas", run, supports=supports, prefer=prefer, priority=20,
+                           tiled=True)
