@@ -49,20 +49,38 @@ def _meta(mask, t, s, bq, bk):
     return flash.block_sparse_meta(info.kind, info.partial_index, info.partial_blocks)
 
 
-def _interpret(q, k, v, meta, cfg, *, traced_meta=False):
+def _interpreter(meta, cfg, *, traced_meta=False):
+    """The kernel under the GPU interpreter as one jitted ``fn(q, k, v) -> (out, lse)``: build it
+    once and call it for every input of the same shapes (one trace and compilation)."""
     try:
         params = mg.interpret_params()
     except ImportError as e:
         pytest.skip(f"this jax has no Mosaic-GPU interpreter (private module moved?): {e}")
-    # The interpreter runs on the default backend: pin CPU (matters when a GPU is visible).
-    with jax.default_device(jax.devices("cpu")[0]):
-        if traced_meta:  # metadata as jit arguments, as inside jaxattn's custom_vjp
-            fn = jax.jit(lambda q, k, v, fwd, blocks: mg.flash_forward_mosaic_gpu_arrays(
-                q, k, v, fwd, blocks, config=cfg, interpret=params))
-            return fn(q, k, v, jnp.asarray(meta.fwd), jnp.asarray(meta.blocks))
-        fn = jax.jit(lambda q, k, v: mg.flash_forward_mosaic_gpu(
+    if traced_meta:  # metadata as jit arguments, as inside jaxattn's custom_vjp
+        fn = jax.jit(lambda q, k, v, fwd, blocks: mg.flash_forward_mosaic_gpu_arrays(
+            q, k, v, fwd, blocks, config=cfg, interpret=params))
+        run = lambda q, k, v: fn(q, k, v, jnp.asarray(meta.fwd), jnp.asarray(meta.blocks))
+    else:
+        run = jax.jit(lambda q, k, v: mg.flash_forward_mosaic_gpu(
             q, k, v, meta, config=cfg, interpret=params))
-        return fn(q, k, v)
+
+    def on_cpu(q, k, v):
+        # The interpreter runs on the default backend: pin CPU (matters when a GPU is visible).
+        with jax.default_device(jax.devices("cpu")[0]):
+            return run(q, k, v)
+
+    return on_cpu
+
+
+def _interpret(q, k, v, meta, cfg, *, traced_meta=False):
+    return _interpreter(meta, cfg, traced_meta=traced_meta)(q, k, v)
+
+
+def _reference(q, k, v, **kw):
+    """f32 reference ``(out, lse)`` as one jitted program (op by op it compiles every op)."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    return jax.jit(lambda q, k, v: dense.attention_reference(q, k, v, return_lse=True, **kw))(
+        *f32)
 
 
 def _check(q, k, v, mask, cfg, *, soft_cap=None, traced_meta=False):
@@ -72,9 +90,8 @@ def _check(q, k, v, mask, cfg, *, soft_cap=None, traced_meta=False):
     out, lse = _interpret(q, k, v, meta, cfg, traced_meta=traced_meta)
     assert out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     kw = dict(mask=mask, scale=cfg.scale, logits_soft_cap=soft_cap)
-    r_out, r_lse = dense.attention_reference(*f32, return_lse=True, **kw)
+    r_out, r_lse = _reference(q, k, v, **kw)
     assert max_err(out, r_out) <= bf16_budget(q, k, v, **kw)
     finite = jnp.isfinite(r_lse)
     assert bool(jnp.all(finite == jnp.isfinite(lse)))
@@ -155,16 +172,15 @@ def test_empty_tiles_are_never_read_and_full_tiles_are_unmasked():
     # kv tile 2 is EMPTY for query tile 0 (FULL for tile 1) and kv tile 0 the reverse: NaN in
     # one of them must leave exactly the query tile that skips it untouched.
     cfg = mg.MosaicGPUConfig(bq, bk, scale=0.125, p_via_smem=True)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    r_out, r_lse = dense.attention_reference(*f32, mask=M.ArrayMask(dense_mask), scale=0.125,
-                                             return_lse=True)
+    r_out, r_lse = _reference(q, k, v, mask=M.ArrayMask(dense_mask), scale=0.125)
     budget = bf16_budget(q, k, v, mask=M.ArrayMask(dense_mask), scale=0.125)
-    out, lse = _interpret(q, k, v, meta, cfg)
+    kernel = _interpreter(meta, cfg)  # one program for the clean and the two NaN runs
+    out, lse = kernel(q, k, v)
     assert max_err(out, r_out) <= budget and max_err(lse, r_lse) < LSE_ATOL
     for rows, cols in ((slice(0, bq), slice(2 * bk, s)), (slice(bq, t), slice(0, bk))):
         k_bad = k.at[:, cols].set(jnp.nan)
         v_bad = v.at[:, cols].set(jnp.nan)
-        out_bad, lse_bad = _interpret(q, k_bad, v_bad, meta, cfg)
+        out_bad, lse_bad = kernel(q, k_bad, v_bad)
         assert bool(jnp.all(jnp.isfinite(out_bad[:, rows].astype(jnp.float32))))
         assert max_err(out_bad[:, rows], r_out[:, rows]) <= budget
         assert max_err(lse_bad[:, rows], r_lse[:, rows]) < LSE_ATOL
