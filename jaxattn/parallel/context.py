@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,6 @@ from jaxattn.parallel.ring import (
 from jaxattn.typing import Bias, Key, KVSegmentIds, Query, QuerySegmentIds, Sinks, Value
 
 __all__ = ["context_parallel_attention", "STRATEGIES"]
-
-STRATEGIES = ("all_gather", "ring", "ulysses")
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
@@ -103,6 +102,135 @@ def _spec_axes(axes):
     if not axes:
         return None
     return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+# ---- where a call lives on the mesh -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Host-side placement of one call: the sequence axis, batch / head axes, the balancing."""
+
+    axis: str
+    axis_size: int  # P, devices along ``axis``
+    batch_axes: tuple[str, ...]
+    head_axis: str | None
+    head_shards: int  # size of ``head_axis`` (1 when None)
+    load_balance: str | None  # the balancing the strategy uses (never for ulysses)
+    local_balance: str | None  # reordered shard-locally inside shard_map (else globally)
+    q_perm: np.ndarray = dataclasses.field(compare=False)  # [T] natural -> balanced order
+    kv_perm: np.ndarray = dataclasses.field(compare=False)  # [S]
+
+    @property
+    def global_balance(self) -> str | None:
+        """The balancing done by a global gather before sharding (when not shard-local)."""
+        return self.load_balance if self.local_balance is None else None
+
+    @property
+    def batch_spec(self):
+        return _spec_axes(self.batch_axes)
+
+
+def _static_kinds(kinds) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(x) for x in row) for row in kinds)
+
+
+# ---- the three strategies: one small object each ----------------------------------------------
+# Each has ``balances_load`` (whether load balancing reorders its shards), ``refuse(lay, n)``
+# (raise for what it cannot do), ``kv_head_shards(lay)`` (how many ways K/V heads are split),
+# ``bias_spec(bias, lay)`` and ``local_step(st, lay, global_mask, n_loc)``: the per-device
+# function ``(q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias) -> (out, lse)``.
+@dataclasses.dataclass(frozen=True)
+class _AllGather:
+    """Queries stay sequence-sharded; K/V, their positions and segment ids are all-gathered."""
+
+    balances_load: ClassVar[bool] = True
+
+    def refuse(self, lay: _Layout, num_heads: int) -> None:
+        del lay, num_heads  # every layout works
+
+    def kv_head_shards(self, lay: _Layout) -> int:
+        return lay.head_shards
+
+    def bias_spec(self, bias, lay: _Layout) -> P:
+        return _rows_spec(bias, lay.batch_spec, lay.head_axis, lay.axis)
+
+    def local_step(self, st: RingStatic, lay: _Layout, global_mask, n_loc: int):
+        del global_mask, n_loc
+        if st.head_axis is None and not st.batch_axes:
+            # A static global mask gives every device a static local mask (one compiled branch
+            # per distinct pattern): compile-time tile skipping, and Pallas can run it.
+            per_device = layout.static_device_masks(st.static_mask, lay.q_perm, lay.kv_perm,
+                                                    lay.axis_size, STATIC_BASE)
+            if per_device is not None:
+                kinds, partial_masks = per_device
+                st = _replace(st, kinds=_static_kinds(kinds), partial_masks=partial_masks)
+        return functools.partial(_all_gather_local, st)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """K/V blocks rotate around the axis (:mod:`jaxattn.parallel.ring`); empty trailing hops
+    are dropped and static masks give every partial hop a static local mask."""
+
+    balances_load: ClassVar[bool] = True
+
+    def refuse(self, lay: _Layout, num_heads: int) -> None:
+        del lay, num_heads  # every layout works
+
+    def kv_head_shards(self, lay: _Layout) -> int:
+        return lay.head_shards
+
+    def bias_spec(self, bias, lay: _Layout) -> P:
+        return _rows_spec(bias, lay.batch_spec, lay.head_axis, lay.axis)
+
+    def local_step(self, st: RingStatic, lay: _Layout, global_mask, n_loc: int):
+        del n_loc
+        p = lay.axis_size
+        kinds = layout.hop_kinds(global_mask, lay.q_perm, lay.kv_perm, p, lay.load_balance)
+        busy = np.nonzero((kinds != masks_lib.EMPTY).any(axis=0))[0]
+        hops = int(busy.max()) + 1 if busy.size else 1
+        kinds = kinds[:, :hops]
+        partial_masks: tuple = ()
+        if st.head_axis is None and not st.batch_axes:  # no traced head / batch slicing needed
+            static_cases = layout.static_partial_masks(
+                st.static_mask, kinds, lay.q_perm, lay.kv_perm, p, STATIC_BASE)
+            if static_cases is not None:
+                kinds, partial_masks = static_cases
+        st = _replace(st, kinds=_static_kinds(kinds), partial_masks=partial_masks)
+        return functools.partial(ring_attention_local, st)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ulysses:
+    """All-to-all from sequence- to head-sharded, full-length attention, and back; every device
+    sees the whole sequence, so load balancing does not apply."""
+
+    balances_load: ClassVar[bool] = False
+
+    def refuse(self, lay: _Layout, num_heads: int) -> None:
+        per_device = num_heads // lay.head_shards
+        if per_device % lay.axis_size:
+            raise ValueError(
+                f"ulysses needs the heads per device ({num_heads} heads / {lay.head_shards} on "
+                f"{lay.head_axis!r} = {per_device}) divisible by the size {lay.axis_size} of "
+                f"mesh axis {lay.axis!r}; use 'ring' or 'all_gather'"
+            )
+
+    def kv_head_shards(self, lay: _Layout) -> int:
+        return lay.head_shards * lay.axis_size
+
+    def bias_spec(self, bias, lay: _Layout) -> P:
+        # heads split over (head axis, context), the whole sequence on every device
+        heads = _spec_axes(tuple(a for a in (lay.head_axis, lay.axis) if a))
+        return P(lay.batch_spec if bias.shape[0] > 1 else None,
+                 heads if bias.shape[1] > 1 else None, None, None)
+
+    def local_step(self, st: RingStatic, lay: _Layout, global_mask, n_loc: int):
+        del lay, global_mask
+        return functools.partial(_ulysses_local, st, n_loc=n_loc)
+
+
+_STRATEGIES = {"all_gather": _AllGather(), "ring": _Ring(), "ulysses": _Ulysses()}
+STRATEGIES = tuple(_STRATEGIES)
 
 
 def context_parallel_attention(
@@ -165,12 +293,8 @@ def context_parallel_attention(
       ValueError: lengths not divisible by the axis size (by twice it for zigzag), heads not
         divisible for Ulysses, unknown strategy / axis, dropout.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis not in mesh.shape:
-        raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {dict(mesh.shape)}")
+    strat = _pick_strategy(strategy)
+    _check_mesh_axis(mesh, axis)
     if dropout_rate:
         raise ValueError("context_parallel_attention does not implement attention dropout")
     call, squeezed = make_call(
@@ -180,9 +304,34 @@ def context_parallel_attention(
     )
     if isinstance(call.scale, jax.core.Tracer):
         raise TypeError("scale must be a Python number for context_parallel_attention")
-    q, k, v = call.query, call.key, call.value
-    b, t, n, _ = q.shape
-    s = k.shape[1]
+    lay = _plan_layout(strat, mesh, axis, call, load_balance, batch_axes, head_axis)
+    out, lse = _sharded_attention(strat, lay, mesh, call, implementation)
+    if sinks is not None:
+        out, lse = _apply_sinks(out, lse, sinks)
+    if squeezed:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+def _pick_strategy(strategy: str):
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return _STRATEGIES[strategy]
+
+
+def _check_mesh_axis(mesh, axis: str) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {dict(mesh.shape)}")
+
+
+def _plan_layout(strat, mesh: Mesh, axis: str, call, load_balance, batch_axes, head_axis
+                 ) -> _Layout:
+    """Check the lengths and the balancing, pick the batch / head axes, and let the strategy
+    refuse what it cannot run."""
+    b, t, n, _ = call.query.shape
+    s = call.key.shape[1]
     p = mesh.shape[axis]
     for name, length in (("query", t), ("key/value", s)):
         if length % p:
@@ -193,134 +342,111 @@ def context_parallel_attention(
     if load_balance is not None and t != s:
         raise ValueError(f"load_balance needs self-attention lengths (T == S), got T={t}, S={s}")
     layout.sequence_permutation(t, p, load_balance)  # validates load_balance and divisibility
-    if strategy == "ulysses":
-        load_balance = None  # every device attends over the whole sequence: already balanced
-    q_perm = layout.sequence_permutation(t, p, load_balance)
-    kv_perm = layout.sequence_permutation(s, p, load_balance)
+    if not strat.balances_load:
+        load_balance = None
     # reorder shard-locally with ppermute / all_to_all when the layout allows (O(T/P) memory),
     # else by a global gather before sharding
     local_lb = load_balance if layout.can_relayout_locally(t, p, load_balance) else None
-    global_lb = load_balance if local_lb is None else None
-
     batch_ax = _pick_batch_axes(mesh, batch_axes, b, axis)
     head_ax = _pick_head_axis(mesh, head_axis, n, axis)
-    pt = _size(mesh, head_ax)
-    if strategy == "ulysses" and (n // pt) % p:
-        raise ValueError(
-            f"ulysses needs the heads per device ({n} heads / {pt} on {head_ax!r} = {n // pt}) "
-            f"divisible by the size {p} of mesh axis {axis!r}; use 'ring' or 'all_gather'"
-        )
-    shards = pt * (p if strategy == "ulysses" else 1)
-    k, v = layout.expand_kv_heads(k, v, n, shards)
+    lay = _Layout(axis=axis, axis_size=p, batch_axes=batch_ax, head_axis=head_ax,
+                  head_shards=_size(mesh, head_ax), load_balance=load_balance,
+                  local_balance=local_lb, q_perm=layout.sequence_permutation(t, p, load_balance),
+                  kv_perm=layout.sequence_permutation(s, p, load_balance))
+    strat.refuse(lay, n)
+    return lay
 
-    global_mask = call.mask  # the user's mask & is_causal (segment ids stay arrays)
+
+def _mask_parts(global_mask):
+    """``(static_mask, mask_def, leaves)``: a static mask is a compile-time constant (no
+    leaves); any other mask travels as its array leaves and treedef."""
     static_mask = None if global_mask is None else global_mask.static()
     if static_mask is not None or global_mask is None:
-        leaves, mask_def = [], None  # a static mask is a compile-time constant
-    else:
-        leaves, mask_def = jax.tree_util.tree_flatten(global_mask)
-        leaves = [jnp.asarray(x) for x in leaves]
-    q_seg, kv_seg, bias = call.q_segment_ids, call.kv_segment_ids, call.bias
+        return static_mask, None, []
+    leaves, mask_def = jax.tree_util.tree_flatten(global_mask)
+    return None, mask_def, [jnp.asarray(x) for x in leaves]
 
-    if global_lb is not None:
-        q, k, v = (jnp.take(x, jnp.asarray(pm), axis=1)
-                   for x, pm in ((q, q_perm), (k, kv_perm), (v, kv_perm)))
+
+def _balance_globally(lay: _Layout, q, k, v, q_seg, kv_seg, bias):
+    """Reorder what the shard-local relayout does not: the sequence (when it cannot be done
+    shard-locally) and the bias rows / columns (always, when balancing)."""
+    take = lambda x, perm, ax: jnp.take(x, jnp.asarray(perm), axis=ax)
+    if lay.global_balance is not None:
+        q, k, v = take(q, lay.q_perm, 1), take(k, lay.kv_perm, 1), take(v, lay.kv_perm, 1)
         if q_seg is not None:
-            q_seg = jnp.take(q_seg, jnp.asarray(q_perm), axis=1)
-            kv_seg = jnp.take(kv_seg, jnp.asarray(kv_perm), axis=1)
-    if load_balance is not None:
-        if bias is not None:
-            if bias.shape[2] > 1:
-                bias = jnp.take(bias, jnp.asarray(q_perm), axis=2)
-            if bias.shape[3] > 1:
-                bias = jnp.take(bias, jnp.asarray(kv_perm), axis=3)
+            q_seg, kv_seg = take(q_seg, lay.q_perm, 1), take(kv_seg, lay.kv_perm, 1)
+    if lay.load_balance is not None and bias is not None:
+        if bias.shape[2] > 1:
+            bias = take(bias, lay.q_perm, 2)
+        if bias.shape[3] > 1:
+            bias = take(bias, lay.kv_perm, 3)
+    return q, k, v, q_seg, kv_seg, bias
 
-    bspec, hspec = _spec_axes(batch_ax), head_ax
-    qkv_spec = P(bspec, axis, hspec, None)
-    seg_spec = P(bspec, axis)
-    pos_spec = P(axis)
-    b_loc = b // _size(mesh, batch_ax)
-    n_loc = n // pt
+
+def _ring_static(call, lay: _Layout, static_mask, mask_def, b_loc: int, n_loc: int,
+                 implementation) -> RingStatic:
+    """The static description every strategy's local step starts from (``b_loc`` / ``n_loc``:
+    batch rows / query heads per device)."""
+    global_mask = call.mask
     per_head = global_mask is not None and global_mask.num_heads is not None
-    st = RingStatic(
-        axis=axis, axis_size=p, kinds=((),), mask_def=mask_def, static_mask=static_mask,
-        scale=call.scale, soft_cap=call.logits_soft_cap, implementation=implementation,
-        head_axis=head_ax if per_head else None, head_count=n_loc if per_head else None,
-        batch_axes=batch_ax if (global_mask is not None and global_mask.batch_size) else (),
+    per_batch = global_mask is not None and bool(global_mask.batch_size)
+    return RingStatic(
+        axis=lay.axis, axis_size=lay.axis_size, kinds=((),), mask_def=mask_def,
+        static_mask=static_mask, scale=call.scale, soft_cap=call.logits_soft_cap,
+        implementation=implementation, head_axis=lay.head_axis if per_head else None,
+        head_count=n_loc if per_head else None, batch_axes=lay.batch_axes if per_batch else (),
         batch_count=b_loc,
     )
+
+
+def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
+    """``(out [B, T, N, Hv], lse [B, T, N])`` in natural order: the strategy's local step under
+    ``shard_map`` over ``[batch_axes, axis, head_axis, None]`` shards."""
+    q, k, v = call.query, call.key, call.value
+    b, t, n, _ = q.shape
+    s = k.shape[1]
+    k, v = layout.expand_kv_heads(k, v, n, strat.kv_head_shards(lay))
+    static_mask, mask_def, leaves = _mask_parts(call.mask)
+    q, k, v, q_seg, kv_seg, bias = _balance_globally(
+        lay, q, k, v, call.q_segment_ids, call.kv_segment_ids, call.bias)
+    n_loc = n // lay.head_shards
+    st = _ring_static(call, lay, static_mask, mask_def, b // _size(mesh, lay.batch_axes), n_loc,
+                      implementation)
     has_seg = q_seg is not None
     if not has_seg:  # placeholders that keep one shard_map signature; never read
         q_seg, kv_seg = jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)
-
-    def relayout_in(q, k, v, qs, ks):
-        seq = lambda x: layout.to_balanced(x, axis, p, local_lb, 1)
-        q, k, v = seq(q), seq(k), seq(v)
-        qs, ks = (seq(qs), seq(ks)) if has_seg else (None, None)
-        return q, k, v, qs, ks
-
-    def relayout_out(out, lse):
-        back = lambda x: layout.from_balanced(x, axis, p, local_lb, 1)
-        return back(out), back(lse)
-
-    if strategy == "ring":
-        kinds = layout.hop_kinds(global_mask, q_perm, kv_perm, p, load_balance)
-        busy = np.nonzero((kinds != masks_lib.EMPTY).any(axis=0))[0]
-        hops = int(busy.max()) + 1 if busy.size else 1
-        kinds = kinds[:, :hops]
-        partial_masks: tuple = ()
-        if st.head_axis is None and not st.batch_axes:  # no traced head / batch slicing needed
-            static_cases = layout.static_partial_masks(
-                static_mask, kinds, q_perm, kv_perm, p, STATIC_BASE)
-            if static_cases is not None:
-                kinds, partial_masks = static_cases
-        st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
-                      partial_masks=partial_masks)
-
-        local = functools.partial(ring_attention_local, st)
-    else:
-        if strategy == "all_gather" and st.head_axis is None and not st.batch_axes:
-            # A static global mask gives every device a static local mask (one compiled branch
-            # per distinct pattern): compile-time tile skipping, and Pallas can run it.
-            per_device = layout.static_device_masks(static_mask, q_perm, kv_perm, p, STATIC_BASE)
-            if per_device is not None:
-                kinds, partial_masks = per_device
-                st = _replace(st, kinds=tuple(tuple(int(x) for x in row) for row in kinds),
-                              partial_masks=partial_masks)
-        strat = _all_gather_local if strategy == "all_gather" else _ulysses_local
-        local = functools.partial(strat, st, natural=load_balance is None, n_loc=n_loc)
-
-    bias_args, bias_spec = [], []
-    if bias is not None:
-        if strategy == "ulysses":  # heads split over (head axis, context), whole sequence
-            heads = _spec_axes(tuple(a for a in (head_ax, axis) if a))
-            spec = P(bspec if bias.shape[0] > 1 else None,
-                     heads if bias.shape[1] > 1 else None, None, None)
-        else:  # local query rows against every key (ring hops slice the columns they need)
-            spec = _rows_spec(bias, bspec, hspec, axis)
-        bias_args, bias_spec = [bias], [spec]
-
-    def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
-        q, k, v, qs, ks = relayout_in(q, k, v, qs, ks)
-        bl = bias_local[0] if bias_local else None
-        out, lse = local(q, k, v, qp, kp, qs, ks, leaves, bl)
-        return relayout_out(out, lse)
-
-    fn = _shard_map(body, mesh,
+    local = strat.local_step(st, lay, call.mask, n_loc)
+    bias_args = [] if bias is None else [bias]
+    bias_spec = [] if bias is None else [strat.bias_spec(bias, lay)]
+    qkv_spec = P(lay.batch_spec, lay.axis, lay.head_axis, None)
+    seg_spec, pos_spec = P(lay.batch_spec, lay.axis), P(lay.axis)
+    fn = _shard_map(_local_body(lay, local, has_seg), mesh,
                     in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
                               seg_spec, [P()] * len(leaves), *bias_spec),
-                    out_specs=(qkv_spec, P(bspec, axis, hspec)))
-    out, lse = fn(q, k, v, jnp.asarray(q_perm), jnp.asarray(kv_perm), q_seg, kv_seg, leaves,
-                  *bias_args)
-
-    if global_lb is not None:
-        inv = jnp.asarray(layout.inverse_permutation(q_perm))
+                    out_specs=(qkv_spec, P(lay.batch_spec, lay.axis, lay.head_axis)))
+    out, lse = fn(q, k, v, jnp.asarray(lay.q_perm), jnp.asarray(lay.kv_perm), q_seg, kv_seg,
+                  leaves, *bias_args)
+    if lay.global_balance is not None:
+        inv = jnp.asarray(layout.inverse_permutation(lay.q_perm))
         out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
-    if sinks is not None:
-        out, lse = _apply_sinks(out, lse, sinks)
-    if squeezed:
-        out, lse = out[0], lse[0]
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+def _local_body(lay: _Layout, local, has_seg: bool):
+    """The ``shard_map`` body: shard-local reorder into the balanced layout, the strategy's
+    local step, and back."""
+    p, lb = lay.axis_size, lay.local_balance
+
+    def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
+        seq = lambda x: layout.to_balanced(x, lay.axis, p, lb, 1)
+        q, k, v = seq(q), seq(k), seq(v)
+        qs, ks = (seq(qs), seq(ks)) if has_seg else (None, None)
+        bl = bias_local[0] if bias_local else None
+        out, lse = local(q, k, v, qp, kp, qs, ks, leaves, bl)
+        back = lambda x: layout.from_balanced(x, lay.axis, p, lb, 1)
+        return back(out), back(lse)
+
+    return body
 
 
 def _rows_spec(bias, bspec, hspec, axis):
@@ -344,9 +470,8 @@ def _apply_sinks(out, lse, sinks):
     return (out.astype(jnp.float32) * w[..., None]).astype(out.dtype), new
 
 
-def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, natural, n_loc):
+def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
     """Queries stay local; K/V, their positions and segment ids are gathered along the axis."""
-    del natural, n_loc
     gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
     k, v, kv_pos = gather(k, 1), gather(v, 1), gather(kv_pos, 0)
     kv_seg = None if kv_seg is None else gather(kv_seg, 1)
@@ -358,8 +483,9 @@ def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n
     return attend(st, q, k, v, mask, q_seg, kv_seg, bias)
 
 
-def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, natural, n_loc):
-    """Sequence-sharded -> head-sharded (all-to-all), full-length attention, and back."""
+def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n_loc):
+    """Sequence-sharded -> head-sharded (all-to-all), full-length attention, and back. The
+    sequence is in natural order (Ulysses never load-balances)."""
     a2a = lambda x, split, concat: jax.lax.all_to_all(x, st.axis, split, concat, tiled=True)
     q, k, v = a2a(q, 2, 1), a2a(k, 2, 1), a2a(v, 2, 1)  # [B, T, N_loc / P, H]
     gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
@@ -373,7 +499,7 @@ def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, natu
         head_start = base + jax.lax.axis_index(st.axis) * heads_here
         st = _replace(st, head_count=heads_here)
     has_mask = st.mask_def is not None or st.static_mask is not None
-    if natural and has_mask and head_start is None and not st.batch_axes:
+    if has_mask and head_start is None and not st.batch_axes:
         # positions are 0..T-1 after the all-to-all: the global mask applies as is (static
         # block skipping inside the kernel when the mask is static)
         mask = st.static_mask
