@@ -188,3 +188,56 @@ MASKS = st.recursive(
        bq=st.sampled_from([1, 4, 8]), bk=st.sampled_from([1, 4, 8]))
 def test_random_compositions_block_info(mask, t, s, bq, bk):
     _check_block_info(mask, t, s, bq, bk)
+
+
+# ---- composites: one CompositeMask base; &, |, ~ results pickle, hash and flatten by value ---
+
+
+def _composites():
+    seg = np.array([[0, 0, 1, 1, 1, 2]], np.int32)  # int32: jnp.asarray keeps it (no x64)
+    return [
+        M.CausalMask() & M.LocalMask((2, 0)),
+        M.CausalMask() | M.PrefixLMMask(2),
+        ~M.SegmentMask(seg),
+        ~(M.SegmentMask(seg) & M.CausalMask()) | M.FullMask(),
+        M.MultiHeadMask((M.CausalMask(), M.SegmentMask(seg))),
+    ]
+
+
+def test_composites_share_the_composite_base():
+    a, b, c = M.CausalMask(), M.LocalMask((1, 1)), M.FullMask()
+    for m, cls, children in [(a & b, M.AndMask, (a, b)), (a | b, M.OrMask, (a, b)),
+                             (~a, M.NotMask, (a,)), (M.MultiHeadMask((a, b, c)), M.MultiHeadMask,
+                                                     (a, b, c))]:
+        assert type(m) is cls and isinstance(m, M.CompositeMask)
+        assert m.children() == children
+    assert not isinstance(a | b, M.AndMask) and (a | b) != (a & b)
+    assert not isinstance(a, M.CompositeMask)
+
+
+@pytest.mark.parametrize("mask", _composites())
+def test_composite_pickle_hash_and_pytree_by_value(mask):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(mask))
+    assert again == mask and hash(again) == hash(mask)
+    np.testing.assert_array_equal(again.to_array(6, 6), mask.to_array(6, 6))
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == len(mask._arrays())  # leaves are exactly the children's arrays
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert rebuilt == mask and jax.tree_util.tree_structure(again) == treedef
+
+
+@pytest.mark.parametrize("mask", _composites())
+def test_composite_static_form(mask):
+    as_jax = jax.tree_util.tree_map(jnp.asarray, mask)
+    static = as_jax.static()
+    assert static == mask and all(isinstance(a, np.ndarray) for a in static._arrays())
+    has_arrays = bool(mask._arrays())
+
+    @jax.jit
+    def f(m):
+        assert (m.static() is None) == has_arrays and m.is_static == (not has_arrays)
+        return m.to_array(6, 6)
+
+    np.testing.assert_array_equal(f(as_jax), mask.to_array(6, 6))
