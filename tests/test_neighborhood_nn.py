@@ -7,9 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxattn.models import HierarchicalClassifier, nat_config
 from jaxattn.nn.neighborhood import (
-    NATClassifier,
-    NATConfig,
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
@@ -73,7 +72,7 @@ def test_nat_classifier_learns_digits():
     digits = load_digits()
     images = jnp.asarray(digits.images[:512] / 16.0, jnp.float32)  # [512, 8, 8]
     labels = jnp.asarray(digits.target[:512], jnp.int32)
-    model = NATClassifier(NATConfig(), rngs=nnx.Rngs(0))
+    model = HierarchicalClassifier(nat_config(), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adam(3e-3)
     opt_state = tx.init(params)

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.zoology import mixers
-from experiments.zoology.model import MODELS, MQARModel, ZoologyModelConfig
+from experiments.zoology.model import (
+    LAYERS,
+    MODELS,
+    ZoologyModelConfig,
+    build_model,
+    layer_config,
+)
+from jaxattn.models import build_mixer
+from jaxattn.nn import baseconv, based, capture_aux_losses, sigmoid_lookup
 from jaxattn.train.sources.mqar import IGNORE_INDEX, MQARSource, multiquery_ar
 
 
@@ -65,7 +72,7 @@ def test_mqar_rejects_bad_arguments():
 
 def test_taylor_feature_map_inner_product():
     q, k = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    got = jnp.einsum("nf,nf->n", mixers.taylor_feature_map(q), mixers.taylor_feature_map(k))
+    got = jnp.einsum("nf,nf->n", based.taylor_feature_map(q), based.taylor_feature_map(k))
     dot = jnp.sum(q * k, -1)
     want = 1 + dot / jnp.sqrt(8.0) + dot**2 / (2 * 8.0)
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -76,14 +83,14 @@ def test_based_quadratic_equals_linear():
     q = jax.random.normal(kq, (2, 24, 8))
     k = jax.random.normal(kk, (2, 24, 8))
     v = jax.random.normal(kv, (2, 24, 16))
-    np.testing.assert_allclose(mixers.based_quadratic(q, k, v), mixers.based_linear(q, k, v),
+    np.testing.assert_allclose(based.based_quadratic(q, k, v), based.based_linear(q, k, v),
                                rtol=2e-5, atol=2e-5)
     # and the quadratic view is exactly normalised causal Taylor attention, written out:
     i = 10
     w = 1 + (k[:, : i + 1] @ q[:, i, :, None])[..., 0] / jnp.sqrt(8.0)
     w = w + ((k[:, : i + 1] @ q[:, i, :, None])[..., 0]) ** 2 / 16.0
     want = jnp.einsum("bj,bjd->bd", w, v[:, : i + 1]) / jnp.sum(w, -1, keepdims=True)
-    np.testing.assert_allclose(mixers.based_quadratic(q, k, v)[:, i], want, rtol=2e-5)
+    np.testing.assert_allclose(based.based_quadratic(q, k, v)[:, i], want, rtol=2e-5)
 
 
 def test_convolutions_match_direct_sums():
@@ -91,7 +98,7 @@ def test_convolutions_match_direct_sums():
     kern = jax.random.normal(jax.random.key(3), (3, 4))
     bias = jnp.arange(4, dtype=jnp.float32)
     xn = np.asarray(x)
-    got = mixers.causal_short_conv(x, kern, bias)
+    got = baseconv.causal_short_conv(x, kern, bias)
     want = np.zeros_like(xn) + np.asarray(bias)
     for t in range(12):
         for j in range(3):
@@ -100,7 +107,7 @@ def test_convolutions_match_direct_sums():
                 want[:, t] += np.asarray(kern)[j] * xn[:, s]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     filt = jax.random.normal(jax.random.key(4), (12, 4))
-    got = mixers.fft_causal_conv(x, filt)
+    got = baseconv.fft_causal_conv(x, filt)
     want = xn.copy()
     for t in range(12):
         for s in range(t + 1):
@@ -108,30 +115,56 @@ def test_convolutions_match_direct_sums():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", mixers.MIXERS)
+def _layer(kind, **kw):
+    """One Zoology layer as the harness builds it (width 16, L = 32)."""
+    cfg = ZoologyModelConfig(width=16, seq_len=32, **kw)
+    return build_mixer(layer_config(kind, cfg, 2), features=16, num_heads=1, causal=True,
+                       rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
 def test_mixers_are_causal(name):
-    mixer = mixers.make_mixer(name, 16, 32, n_layers=2, dropout=0.0, rngs=nnx.Rngs(0))
+    """Every Zoology layer, train and eval mode (the sparse layer's eval selection is the causal
+    prefix rule, see jaxattn/nn/sigmoid_lookup.py)."""
+    mixer = _layer(name)
     x = jax.random.normal(jax.random.key(5), (2, 32, 16))
     x2 = x.at[:, 20:].set(jax.random.normal(jax.random.key(6), (2, 12, 16)))
     for det in (True, False):
-        if name == "sparse" and det:
-            continue  # eval picks top-k positions over the whole sequence (see test below)
-        y, _ = mixer(x, deterministic=det, rngs=nnx.Rngs(dropout=0))
-        y2, _ = mixer(x2, deterministic=det, rngs=nnx.Rngs(dropout=0))
+        y = mixer(x, deterministic=det, rngs=nnx.Rngs(dropout=0))
+        y2 = mixer(x2, deterministic=det, rngs=nnx.Rngs(dropout=0))
         np.testing.assert_allclose(y[:, :20], y2[:, :20], rtol=1e-5, atol=1e-5)
         assert not np.allclose(y[:, 20:], y2[:, 20:])
 
 
-def test_sparse_eval_attends_only_at_top_k_queries():
-    mixer = mixers.SigmoidLookupAttention(16, rngs=nnx.Rngs(0))
+def _sparse_train_and_eval(causal):
+    mixer = sigmoid_lookup.SigmoidLookupAttention(16, causal=causal, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(7), (2, 36, 16))
-    dense, aux = mixer(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
-    assert aux.shape == ()
-    sparse, _ = mixer(x, deterministic=True)
+    fwd = lambda m, x, det: m(x, deterministic=det, rngs=nnx.Rngs(dropout=0))
+    dense, aux = capture_aux_losses(fwd, mixer, x, False)
+    assert list(aux) == ["budget"] and aux["budget"].shape == ()
+    sparse, none = capture_aux_losses(fwd, mixer, x, True)
+    assert none == {}
     s = jax.nn.sigmoid(mixer.gate(x))[..., 0]
-    top = np.argsort(-np.asarray(s), axis=-1)[:, :6]  # k = ceil(sqrt(36)) = 6
+    return mixer, x, dense, sparse, np.asarray(s)
+
+
+def test_sparse_global_eval_attends_only_at_top_k_queries():
+    """The reference's rule (non-causal pattern): the k = ceil(sqrt(L)) largest gates of the
+    whole sequence attend (bidirectionally here), the rest pass x through."""
+    _, x, dense, sparse, s = _sparse_train_and_eval(causal=False)
+    top = np.argsort(-s, axis=-1)[:, :6]  # k = ceil(sqrt(36)) = 6
     sel = np.zeros((2, 36), bool)
     np.put_along_axis(sel, top, True, axis=-1)
+    np.testing.assert_allclose(np.asarray(sparse)[sel], np.asarray(dense)[sel], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sparse)[~sel], np.asarray(x)[~sel])
+
+
+def test_sparse_prefix_eval_selects_top_k_of_each_prefix():
+    """Causal pattern: position t attends iff s_t is among the 6 largest of s_0..s_t."""
+    _, x, dense, sparse, s = _sparse_train_and_eval(causal=True)
+    sel = np.array([[np.sum(row[: t + 1] > row[t]) < 6 for t in range(36)] for row in s])
+    assert sel[:, :6].all() and not sel.all()
     np.testing.assert_allclose(np.asarray(sparse)[sel], np.asarray(dense)[sel], rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_array_equal(np.asarray(sparse)[~sel], np.asarray(x)[~sel])
@@ -140,14 +173,13 @@ def test_sparse_eval_attends_only_at_top_k_queries():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_models_build_and_are_causal(name):
     cfg = ZoologyModelConfig(name=name, width=16, vocab_size=64, seq_len=32)
-    model = MQARModel(cfg, rngs=nnx.Rngs(0))
+    model = build_model(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(8), (2, 32), 0, 64)
-    h, aux = model(tokens)
-    assert h.shape == (2, 32, 16) and aux.shape == ()
+    h = model(tokens, deterministic=True)
+    assert h.shape == (2, 32, 16)
     assert model.logits(h).shape == (2, 32, 64)
-    if name != "sparse":
-        h2, _ = model(tokens.at[:, 25:].set(3))
-        np.testing.assert_allclose(h[:, :25], h2[:, :25], rtol=1e-5, atol=1e-5)
+    h2 = model(tokens.at[:, 25:].set(3), deterministic=True)
+    np.testing.assert_allclose(h[:, :25], h2[:, :25], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="tokens"):
         model(tokens[0])
 
@@ -155,10 +187,13 @@ def test_models_build_and_are_causal(name):
 def test_attn_init_std_reaches_qkv_kernels():
     """The quick preset's attention init (q/k/v std 0.1) reaches the kernels; the output
     projection keeps the reference's 0.02 / sqrt(2 n_layers)."""
-    m = mixers.make_mixer("attention", 64, 32, n_layers=2, dropout=0.0, attn_init_std=0.1,
-                          rngs=nnx.Rngs(0))
-    assert 0.08 < float(jnp.std(m.mha.query_kernel[...])) < 0.12
-    assert 0.08 < float(jnp.std(m.mha.key_kernel[...])) < 0.12
-    assert float(jnp.std(m.mha.out_kernel[...])) < 0.015
-    default = mixers.make_mixer("attention", 64, 32, n_layers=2, dropout=0.0, rngs=nnx.Rngs(0))
-    assert float(jnp.std(default.mha.query_kernel[...])) < 0.03
+    def attention(**kw):
+        cfg = ZoologyModelConfig(width=64, seq_len=32, **kw)
+        return build_mixer(layer_config("attention", cfg, 2), features=64, num_heads=1,
+                           causal=True, rngs=nnx.Rngs(0))
+
+    m = attention(attn_init_std=0.1)
+    assert 0.08 < float(jnp.std(m.query_kernel[...])) < 0.12
+    assert 0.08 < float(jnp.std(m.key_kernel[...])) < 0.12
+    assert float(jnp.std(m.out_kernel[...])) < 0.015
+    assert float(jnp.std(attention().query_kernel[...])) < 0.03

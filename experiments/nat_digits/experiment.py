@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from jaxattn.nn import NATClassifier, NATConfig
+from jaxattn.models import HierarchicalClassifier, HierarchicalConfig, nat_config
 from jaxattn.train import ExperimentConfig, OptimConfig, RunConfig, Task, train
 from jaxattn.train.metrics import format_table
 from jaxattn.train.sources.digits import DigitsSource
@@ -48,7 +48,8 @@ class SweepConfig:
 
 def default_config() -> ExperimentConfig:
     return ExperimentConfig(
-        model=NATConfig(dims=(32, 64), depths=(2, 2), heads=(2, 4)),
+        model=nat_config(kernel_size=VARIANTS["neighborhood_3x3"], dims=(32, 64), depths=(2, 2),
+                         heads=(2, 4)),
         data=DigitsDataConfig(),
         optim=OptimConfig(learning_rate=3e-3, weight_decay=0.05, warmup_steps=50,
                           schedule="cosine"),
@@ -76,6 +77,13 @@ def smoke_config() -> ExperimentConfig:
     )
 
 
+def with_kernels(model: HierarchicalConfig, kernels: tuple[int, ...]) -> HierarchicalConfig:
+    """``model`` with neighborhood kernel ``kernels[i]`` at stage ``i``."""
+    mixers = tuple(m.with_options(kernel_size=k) for m, k in zip(model.mixers, kernels,
+                                                                 strict=True))
+    return dataclasses.replace(model, mixers=mixers)
+
+
 def build_task(cfg: ExperimentConfig) -> Task:
     """NAT classifier, digits train/test split, cross-entropy loss and accuracy."""
     d = cfg.data
@@ -93,11 +101,11 @@ def build_task(cfg: ExperimentConfig) -> Task:
         hit = jnp.argmax(model(batch["image"]), -1) == batch["label"]
         return {"accuracy": hit.astype(jnp.float32)}
 
-    return Task(make_model=lambda rngs: NATClassifier(cfg.model, rngs=rngs), loss_fn=loss_fn,
-                train_source=train_src, eval_source=test_src, eval_fn=eval_fn)
+    return Task(make_model=lambda rngs: HierarchicalClassifier(cfg.model, rngs=rngs),
+                loss_fn=loss_fn, train_source=train_src, eval_source=test_src, eval_fn=eval_fn)
 
 
-def keys_per_query(model: NATConfig, kernels: tuple[int, ...]) -> float:
+def keys_per_query(model: HierarchicalConfig, kernels: tuple[int, ...]) -> float:
     """Average attended keys per query over the stages' blocks (the attention cost driver)."""
     size, total, blocks = model.image_size, 0.0, 0
     for k, depth in zip(kernels, model.depths, strict=True):
@@ -116,7 +124,7 @@ def main(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         kernels = VARIANTS[name]
         for seed in sw.seeds:
             pcfg = dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, kernel_size=kernels),
+                cfg, model=with_kernels(cfg.model, kernels),
                 run=dataclasses.replace(cfg.run, seed=seed))
             res = train(pcfg, build_task(pcfg), desc=f"{name} seed={seed}")
             rows.append(dict(variant=name, kernels=kernels, seed=seed,

@@ -1,21 +1,33 @@
-"""The 2-layer MQAR harness of Zoology: token embedding (N(0, 0.02)) tied with the output
-head, learned absolute positions only for the attention model, pre-norm blocks
-``x = x + mixer(LN(x))`` with no MLP (the figure-2 configuration uses an identity state mixer),
-and a final LayerNorm."""
+"""The 2-layer MQAR harness of Zoology as a :class:`jaxattn.models.DecoderLM` config: token
+embedding (N(0, 0.02)) tied with the output head, learned absolute positions only for the
+attention model, pre-norm blocks ``x = x + mixer(LN(x))`` with no MLP (the figure-2
+configuration uses an identity state mixer), and a final LayerNorm. The mixers are
+``jaxattn.nn``'s registered ``attention``, ``baseconv``, ``based`` and ``sigmoid_lookup``."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from experiments.zoology.mixers import make_mixer
+from jaxattn.models import DecoderLM, LMConfig, MixerConfig
 
-__all__ = ["MODELS", "MQARModel", "ZoologyModelConfig"]
+__all__ = ["LAYERS", "MODELS", "ZoologyModelConfig", "build_model", "layer_config", "lm_config"]
 
-# model name -> (mixer of layer 0, mixer of layer 1, learned position embeddings?)
+_STD = 0.02  # the reference initialises every Linear and Embedding with N(0, 0.02)
+
+# layer kind -> registered mixer and its fixed options
+LAYERS: dict[str, MixerConfig] = {
+    "attention": MixerConfig("attention"),
+    "baseconv_short": MixerConfig("baseconv", (("kernel_size", 3),)),
+    "baseconv_long": MixerConfig("baseconv", (("kernel_size", -1),)),
+    "based": MixerConfig("based", (("feature_dim", 8),)),
+    "based_linear": MixerConfig("based", (("feature_dim", 8), ("view", "linear"))),
+    "sparse": MixerConfig("sigmoid_lookup"),
+}
+
+# model name -> (layer kinds, learned position embeddings?)
 MODELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "attention": (("attention", "attention"), True),
     # BaseConv with kernel sizes [3, -1]: a short conv, then the implicit long conv.
@@ -42,48 +54,33 @@ class ZoologyModelConfig:
     attn_init_std: float | None = None
 
 
-class MQARModel(nnx.Module):
-    """``tokens int32 [B, L]`` -> ``(hidden [B, L, D], aux_loss)``; ``logits(h)`` applies the
-    tied head. Layers are named by :data:`MODELS`."""
+def layer_config(kind: str, cfg: ZoologyModelConfig, n_layers: int) -> MixerConfig:
+    """The mixer of one layer with the harness's init: output kernels ``0.02 / sqrt(2 n)``."""
+    out_std = _STD / math.sqrt(2 * n_layers)
+    qkv_std = _STD if cfg.attn_init_std is None else cfg.attn_init_std
+    m = LAYERS[kind]
+    if m.name == "attention":
+        return m.with_options(init_std=qkv_std, out_init_std=out_std, dropout_rate=cfg.dropout,
+                              rope_theta=cfg.rope_theta)
+    if m.name == "baseconv":
+        return m.with_options(max_length=cfg.seq_len)
+    if m.name == "based":
+        return m.with_options(out_std=out_std)
+    return m.with_options(init_std=qkv_std, out_std=out_std, dropout=cfg.dropout)
 
-    def __init__(self, cfg: ZoologyModelConfig, *, rngs: nnx.Rngs):
-        if cfg.name not in MODELS:
-            raise ValueError(f"unknown model {cfg.name!r}; choose from {sorted(MODELS)}")
-        layers, use_pos = MODELS[cfg.name]
-        d = cfg.width
-        self.embed = nnx.Embed(cfg.vocab_size, d, embedding_init=nnx.initializers.normal(0.02),
-                               rngs=rngs)
-        self.pos = nnx.Embed(cfg.seq_len, d, embedding_init=nnx.initializers.normal(0.02),
-                             rngs=rngs) if use_pos else None
-        self.norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in layers])
-        self.mixers = nnx.List([
-            make_mixer(name, d, cfg.seq_len, n_layers=len(layers), dropout=cfg.dropout,
-                       rope_theta=cfg.rope_theta, attn_init_std=cfg.attn_init_std,
-                       rngs=rngs)
-            for name in layers
-        ])
-        self.final_norm = nnx.LayerNorm(d, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
-        self.seq_len = cfg.seq_len
 
-    def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
-        x = self.embed(tokens)  # [B, L, D]
-        if self.pos is not None:
-            if tokens.shape[1] > self.seq_len:
-                raise ValueError(f"sequence length {tokens.shape[1]} exceeds {self.seq_len}")
-            x = x + self.pos(jnp.arange(tokens.shape[1]))[None].astype(x.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        aux = jnp.zeros((), jnp.float32)
-        for norm, mixer in zip(self.norms, self.mixers, strict=True):
-            y, a = mixer(norm(x), deterministic=deterministic, rngs=rngs)
-            x, aux = x + y, aux + a
-        return self.final_norm(x), aux
+def lm_config(cfg: ZoologyModelConfig) -> LMConfig:
+    """The :class:`LMConfig` of a Zoology model."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model {cfg.name!r}; choose from {sorted(MODELS)}")
+    kinds, use_pos = MODELS[cfg.name]
+    return LMConfig(
+        vocab_size=cfg.vocab_size, width=cfg.width, max_length=cfg.seq_len, num_heads=1,
+        mixers=tuple(layer_config(k, cfg, len(kinds)) for k in kinds), mlp_ratio=0,
+        learned_positions=use_pos, tie_embeddings=True, embed_init_std=_STD,
+        dropout=cfg.dropout)
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Tied output head: ``h [..., D] -> [..., V]`` in float32."""
-        return jnp.einsum("...d,vd->...v", h.astype(jnp.float32),
-                          self.embed.embedding[...].astype(jnp.float32))
+
+def build_model(cfg: ZoologyModelConfig, *, rngs: nnx.Rngs) -> DecoderLM:
+    """``tokens int32 [B, L]`` -> ``hidden [B, L, D]``; ``model.logits(h)`` is the tied head."""
+    return DecoderLM(lm_config(cfg), rngs=rngs)

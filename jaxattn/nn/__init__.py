@@ -1,23 +1,56 @@
-"""Flax NNX layers: thin shells that own parameters and call jaxattn's pure functions."""
+"""Flax NNX layers: thin shells that own parameters and call jaxattn's pure functions.
 
+Every token mixer registers itself in :data:`MIXERS` when its module is imported (all of them
+are, here); :func:`make_mixer` builds one by name (see :mod:`jaxattn.nn.mixer`).
+"""
+
+from jaxattn.nn import baseconv, based, sigmoid_lookup  # noqa: F401  (register their mixers)
 from jaxattn.nn.attention import MultiHeadAttention
+from jaxattn.nn.baseconv import BaseConv
+from jaxattn.nn.based import BasedLinearAttention
+from jaxattn.nn.mixer import (
+    MIXERS,
+    PATTERNS,
+    AuxLoss,
+    MixerSpec,
+    TokenMixer,
+    aux_losses,
+    capture_aux_losses,
+    make_mixer,
+    register_mixer,
+    sow_aux_loss,
+    total_aux_loss,
+)
 from jaxattn.nn.neighborhood import (
-    NATClassifier,
-    NATConfig,
     NeighborhoodAttention,
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
+    NeighborhoodMixer,
 )
 from jaxattn.nn.rope import apply_rope
+from jaxattn.nn.sigmoid_lookup import SigmoidLookupAttention
 
 __all__ = [
+    "MIXERS",
+    "PATTERNS",
+    "AuxLoss",
+    "BaseConv",
+    "BasedLinearAttention",
+    "MixerSpec",
     "MultiHeadAttention",
-    "apply_rope",
     "NeighborhoodAttention",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
-    "NATClassifier",
-    "NATConfig",
+    "NeighborhoodMixer",
+    "SigmoidLookupAttention",
+    "TokenMixer",
+    "apply_rope",
+    "aux_losses",
+    "capture_aux_losses",
+    "make_mixer",
+    "register_mixer",
+    "sow_aux_loss",
+    "total_aux_loss",
 ]

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn import masks as masks_lib
+from jaxattn.nn import mixer as mixer_lib
+from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import dot_product_attention
 from jaxattn.parallel.logical import constrain
@@ -25,14 +27,6 @@ __all__ = ["MultiHeadAttention"]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-
-
-def _param(rngs, init, shape, dtype, names):
-    """A parameter annotated with logical axis names (``out_sharding`` metadata). It is created
-    unsharded unless the user turned on flax's eager sharding inside a mesh context."""
-    eager = nnx.using_eager_sharding() and jax.sharding.get_abstract_mesh().axis_names != ()
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=eager)
-
 
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
@@ -57,8 +51,11 @@ class MultiHeadAttention(nnx.Module):
     embed``); this is a no-op unless a :func:`jaxattn.parallel.axis_rules` context is active.
 
     Call: ``inputs_q [B, T, in_features]`` (``inputs_k``/``inputs_v`` ``[B, S, in_kv_features]``
-    for cross-attention) -> ``[B, T, out_features]``.
+    for cross-attention) -> ``[B, T, out_features]``. It is also a token mixer
+    (:mod:`jaxattn.nn.mixer`): ``layer(x, context=c, mask=m, deterministic=d)``.
     """
+
+    patterns = frozenset({"self", "causal_self", "cross", "causal_cross"})
 
     def __init__(
         self,
@@ -118,25 +115,28 @@ class MultiHeadAttention(nnx.Module):
         out_kernel_init = out_kernel_init or kernel_init
         out_bias_init = out_bias_init or bias_init
         n, k, h = num_heads, num_kv_heads, head_dim
-        self.query_kernel = _param(rngs, kernel_init, (in_features, n, h), param_dtype,
-                                   ("embed", "heads", "head_dim"))
-        self.key_kernel = _param(rngs, kernel_init, (in_kv_features, k, h), param_dtype,
-                                 ("embed", "kv_heads", "head_dim"))
-        self.value_kernel = _param(rngs, kernel_init, (in_kv_features, k, h), param_dtype,
-                                   ("embed", "kv_heads", "head_dim"))
-        self.out_kernel = _param(rngs, out_kernel_init, (n, h, out_features), param_dtype,
-                                 ("heads", "head_dim", "embed"))
+        self.query_kernel = logical_param(rngs, kernel_init, (in_features, n, h), param_dtype,
+                                          ("embed", "heads", "head_dim"))
+        self.key_kernel = logical_param(rngs, kernel_init, (in_kv_features, k, h), param_dtype,
+                                        ("embed", "kv_heads", "head_dim"))
+        self.value_kernel = logical_param(rngs, kernel_init, (in_kv_features, k, h),
+                                          param_dtype, ("embed", "kv_heads", "head_dim"))
+        self.out_kernel = logical_param(rngs, out_kernel_init, (n, h, out_features), param_dtype,
+                                        ("heads", "head_dim", "embed"))
         if use_bias:
-            self.query_bias = _param(rngs, bias_init, (n, h), param_dtype, ("heads", "head_dim"))
-            self.key_bias = _param(rngs, bias_init, (k, h), param_dtype, ("kv_heads", "head_dim"))
-            self.value_bias = _param(rngs, bias_init, (k, h), param_dtype,
-                                     ("kv_heads", "head_dim"))
-            self.out_bias = _param(rngs, out_bias_init, (out_features,), param_dtype, ("embed",))
+            self.query_bias = logical_param(rngs, bias_init, (n, h), param_dtype,
+                                            ("heads", "head_dim"))
+            self.key_bias = logical_param(rngs, bias_init, (k, h), param_dtype,
+                                          ("kv_heads", "head_dim"))
+            self.value_bias = logical_param(rngs, bias_init, (k, h), param_dtype,
+                                            ("kv_heads", "head_dim"))
+            self.out_bias = logical_param(rngs, out_bias_init, (out_features,), param_dtype,
+                                          ("embed",))
         if normalize_qk:
             self.query_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             self.key_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.sinks = (
-            _param(rngs, nnx.initializers.zeros_init(), (n,), param_dtype, ("heads",))
+            logical_param(rngs, nnx.initializers.zeros_init(), (n,), param_dtype, ("heads",))
             if use_sinks else None
         )
         self.rngs = rngs.fork() if dropout_rate > 0 else None
@@ -169,6 +169,7 @@ class MultiHeadAttention(nnx.Module):
         inputs_k=None,
         inputs_v=None,
         *,
+        context=None,
         mask: masks_lib.Mask | Any = None,
         bias=None,
         positions=None,
@@ -180,78 +181,118 @@ class MultiHeadAttention(nnx.Module):
     ):
         """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
 
-        ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``. ``positions
-        [B, T]`` feed RoPE (default ``arange``; in decoding, the cache index onward). ``mask``,
-        ``bias`` and segment ids are passed to ``attention_fn``.
+        ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``; ``context
+        [B, S, in_kv_features]`` (the token-mixer protocol's name) is the same as
+        ``inputs_k=inputs_v=context``. ``positions [B, T]`` feed RoPE (default ``arange``; in
+        decoding, the cache index onward). ``mask``, ``bias`` and segment ids are passed to
+        ``attention_fn``.
 
         With ``decode=True`` the step's keys/values are appended to the cache at the cache
         index. A step that would run past ``max_length`` raises when the index is concrete;
         under ``jit`` (traced index) its output, and every later step's, is NaN.
         """
+        if context is not None:
+            if inputs_k is not None or inputs_v is not None:
+                raise ValueError("pass either context= or inputs_k/inputs_v, not both")
+            inputs_k = context
         if inputs_q.ndim != 3 or inputs_q.shape[-1] != self.in_features:
             raise ValueError(
                 f"inputs_q must be [B, T, {self.in_features}], got shape {inputs_q.shape}"
             )
         self_attention = inputs_k is None
+        q, k, v = self._project_qkv(inputs_q, inputs_k, inputs_v)
+        decode = self.decode if decode is None else decode
+        offset = self._check_decode_step(q.shape[1]) if decode else None
+        if self.rope_theta is not None:
+            q, k = self._rope(q, k, positions, offset, self_attention)
+        mask = self._layer_and_call_mask(mask)
+        is_causal = self.is_causal
+        if decode:
+            if mask is not None:
+                raise ValueError("decoding supports only the causal mask (got an extra mask)")
+            k, v = self._append_to_cache(k, v, offset)
+            # query i sits at global position offset + i; it sees cached keys j <= offset + i.
+            mask, is_causal = masks_lib.CausalMask(offset=offset), False
+        kwargs = self._attention_kwargs(mask, is_causal, query_segment_ids, kv_segment_ids,
+                                        deterministic, rngs)
+        attention_fn = self.decode_attention_fn if decode else self.attention_fn
+        out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        y = self._output(out)
+        if decode and isinstance(offset, jax.core.Tracer):
+            # Under jit the cache position is traced: a step past the cache end cannot raise,
+            # and dynamic_update_slice would clamp the write. Poison the output with NaN instead
+            # of returning a silently wrong answer (this and every later step).
+            y = jnp.where(offset + q.shape[1] > self.cached_key.shape[1], jnp.nan, y)
+        return constrain(y, ("batch", "length", "embed"))
+
+    # ---- the steps of a forward pass ----------------------------------------------------------
+    def _project_qkv(self, inputs_q, inputs_k, inputs_v):
+        """``[B, T, D]`` (and ``[B, S, D_kv]``) -> ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
+        QK-normalised when asked, activations constrained to logical axes."""
         inputs_q = constrain(inputs_q, ("batch", "length", "embed"))
         inputs_k = inputs_q if inputs_k is None else inputs_k
         inputs_v = inputs_k if inputs_v is None else inputs_v
-        q = self._project(inputs_q, self.query_kernel, self.query_bias if self.use_bias else None)
-        k = self._project(inputs_k, self.key_kernel, self.key_bias if self.use_bias else None)
-        v = self._project(inputs_v, self.value_kernel, self.value_bias if self.use_bias else None)
+        bias = (lambda name: getattr(self, name)) if self.use_bias else (lambda name: None)
+        q = self._project(inputs_q, self.query_kernel, bias("query_bias"))
+        k = self._project(inputs_k, self.key_kernel, bias("key_bias"))
+        v = self._project(inputs_v, self.value_kernel, bias("value_bias"))
         if self.normalize_qk:
             q, k = self.query_ln(q), self.key_ln(k)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
 
-        decode = self.decode if decode is None else decode
+    def _check_decode_step(self, t: int):
+        """The cache index of a ``t``-token decode step (raises when it cannot fit)."""
+        if self.cached_key is None:
+            raise ValueError("decode=True needs init_cache(batch_size, max_length) first")
+        if not self.is_causal:
+            raise ValueError("KV-cache decoding needs is_causal=True")
+        offset = self.cache_index[...]
+        max_len = self.cached_key.shape[1]
+        if t > max_len:
+            raise ValueError(f"decode step of {t} tokens exceeds the KV cache length {max_len}")
+        if not isinstance(offset, jax.core.Tracer) and int(offset) + t > max_len:
+            raise ValueError(
+                f"decode step of {t} tokens at cache position {int(offset)} runs past the "
+                f"KV cache length {max_len}; init_cache with a larger max_length")
+        return offset
+
+    def _rope(self, q, k, positions, offset, self_attention: bool):
+        """Rotary embeddings: queries at ``positions`` (default ``offset + arange(T)``), keys at
+        the same positions for self-attention, else at ``arange(S)``."""
         b, t = q.shape[:2]
-        offset = None
-        if decode:
-            if self.cached_key is None:
-                raise ValueError("decode=True needs init_cache(batch_size, max_length) first")
-            if not self.is_causal:
-                raise ValueError("KV-cache decoding needs is_causal=True")
-            offset = self.cache_index[...]
-            max_len = self.cached_key.shape[1]
-            if t > max_len:
-                raise ValueError(
-                    f"decode step of {t} tokens exceeds the KV cache length {max_len}")
-            if not isinstance(offset, jax.core.Tracer) and int(offset) + t > max_len:
-                raise ValueError(
-                    f"decode step of {t} tokens at cache position {int(offset)} runs past the "
-                    f"KV cache length {max_len}; init_cache with a larger max_length")
-        if self.rope_theta is not None:
-            if positions is None:
-                start = 0 if offset is None else offset
-                positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-            q = apply_rope(q, positions, self.rope_theta)
-            kv_pos = positions if self_attention else jnp.broadcast_to(
-                jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
-            k = apply_rope(k, kv_pos, self.rope_theta)
+        if positions is None:
+            start = 0 if offset is None else offset
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_pos = positions if self_attention else jnp.broadcast_to(
+            jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+        return apply_rope(q, positions, self.rope_theta), apply_rope(k, kv_pos, self.rope_theta)
 
-        base_mask = self.mask
+    def _layer_and_call_mask(self, mask):
+        """The layer's default mask AND the call's mask (either may be None)."""
         call_mask = masks_lib.as_mask(mask)
-        if call_mask is not None:
-            base_mask = call_mask if base_mask is None else base_mask & call_mask
-        is_causal = self.is_causal
-        if decode:
-            k_all = jax.lax.dynamic_update_slice(self.cached_key[...], k.astype(
-                self.cached_key.dtype), (0, offset, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(self.cached_value[...], v.astype(
-                self.cached_value.dtype), (0, offset, 0, 0))
-            self.cached_key[...] = k_all
-            self.cached_value[...] = v_all
-            self.cache_index[...] = offset + t
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-            # query i sits at global position offset + i; it sees cached keys j <= offset + i.
-            causal = masks_lib.CausalMask(offset=offset)
-            if base_mask is not None:
-                raise ValueError("decoding supports only the causal mask (got an extra mask)")
-            base_mask, is_causal = causal, False
+        if call_mask is None:
+            return self.mask
+        return call_mask if self.mask is None else self.mask & call_mask
 
-        kwargs: dict[str, Any] = dict(mask=base_mask, is_causal=is_causal)
+    def _append_to_cache(self, k, v, offset):
+        """Write the step's ``k, v`` at ``offset``; return the whole cache ``[B, S_max, K, H]``."""
+        k_all = jax.lax.dynamic_update_slice(
+            self.cached_key[...], k.astype(self.cached_key.dtype), (0, offset, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(
+            self.cached_value[...], v.astype(self.cached_value.dtype), (0, offset, 0, 0))
+        self.cached_key[...] = k_all
+        self.cached_value[...] = v_all
+        self.cache_index[...] = offset + k.shape[1]
+        return k_all.astype(k.dtype), v_all.astype(v.dtype)
+
+    def _attention_kwargs(self, mask, is_causal, query_segment_ids, kv_segment_ids,
+                          deterministic, rngs) -> dict[str, Any]:
+        """Keyword arguments of ``attention_fn``: only those this layer uses are passed, so any
+        function with ``jaxattn.dot_product_attention``'s signature subset works."""
+        kwargs: dict[str, Any] = dict(mask=mask, is_causal=is_causal)
         if query_segment_ids is not None:
             kwargs.update(query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids)
         if self.logits_soft_cap is not None:
@@ -266,15 +307,35 @@ class MultiHeadAttention(nnx.Module):
             if source is None:
                 raise ValueError("dropout needs rngs (constructor or call)")
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=source.dropout())
-        attention_fn = self.decode_attention_fn if decode else self.attention_fn
-        out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        return kwargs
+
+    def _output(self, out):
+        """``[B, T, N, H]`` -> ``[B, T, out_features]`` (output projection)."""
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = jnp.einsum("btnh,nho->bto", out, self._cast(self.out_kernel[...]))
         if self.use_bias:
             y = y + self._cast(self.out_bias[...])
-        if decode and isinstance(offset, jax.core.Tracer):
-            # Under jit the cache position is traced: a step past the cache end cannot raise,
-            # and dynamic_update_slice would clamp the write. Poison the output with NaN instead
-            # of returning a silently wrong answer (this and every later step).
-            y = jnp.where(offset + t > self.cached_key.shape[1], jnp.nan, y)
-        return constrain(y, ("batch", "length", "embed"))
+        return y
+
+
+def _make_attention(*, features, num_heads, causal, rngs, num_kv_heads: int | None = None,
+                    init_std: float | None = None, out_init_std: float | None = None,
+                    use_bias: bool = True, dropout_rate: float = 0.0,
+                    rope_theta: float | None = None, normalize_qk: bool = False,
+                    logits_soft_cap: float | None = None, use_sinks: bool = False,
+                    implementation: str | None = None):
+    """``"attention"`` mixer: :class:`MultiHeadAttention` with config-friendly options
+    (``init_std`` / ``out_init_std``: N(0, std) kernels instead of LeCun-normal)."""
+    kernel_init = default_kernel_init if init_std is None else nnx.initializers.normal(init_std)
+    out_init = None if out_init_std is None else nnx.initializers.normal(out_init_std)
+    return MultiHeadAttention(
+        num_heads, features, num_kv_heads=num_kv_heads, is_causal=causal,
+        kernel_init=kernel_init, out_kernel_init=out_init, use_bias=use_bias,
+        dropout_rate=dropout_rate, rope_theta=rope_theta, normalize_qk=normalize_qk,
+        logits_soft_cap=logits_soft_cap, use_sinks=use_sinks, implementation=implementation,
+        rngs=rngs)
+
+
+mixer_lib.register_mixer(
+    "attention", _make_attention, patterns=MultiHeadAttention.patterns,
+    paper="Attention Is All You Need (2017); GQA (2023)")

@@ -1,4 +1,4 @@
-"""Neighborhood attention layers (Flax NNX) and a small hierarchical NAT classifier.
+"""Neighborhood attention layers (Flax NNX) and their token-mixer form.
 
 Neighborhood Attention Transformer (Hassani et al., CVPR 2023), dilated NA (DiNAT, 2022) and
 strided NA (GNA, 2025). The layers are thin shells: q/k/v projections, optional relative-position
@@ -9,13 +9,14 @@ projection. Parameters carry logical sharding names (``embed``, ``heads``, ``kv_
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxattn.nn.mixer import register_mixer
+from jaxattn.nn.params import logical_param
 from jaxattn.ops.neighborhood import neighborhood_attention
 
 __all__ = [
@@ -23,15 +24,8 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
-    "NATConfig",
-    "NATClassifier",
+    "NeighborhoodMixer",
 ]
-
-
-def _param(rngs, init, shape, dtype, names):
-    """A parameter with logical axis names; sharded eagerly only under flax's eager sharding."""
-    eager = nnx.using_eager_sharding() and jax.sharding.get_abstract_mesh().axis_names != ()
-    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=eager)
 
 
 def _per_dim(x, ndim):
@@ -85,24 +79,24 @@ class NeighborhoodAttention(nnx.Module):
         out_features = out_features or in_features
         init = nnx.initializers.lecun_normal()
         zeros = nnx.initializers.zeros_init()
-        self.q_kernel = _param(rngs, init, (in_features, num_heads, head_dim), param_dtype,
-                               ("embed", "heads", "head_dim"))
-        self.kv_kernel = _param(rngs, init, (2, in_features, num_kv_heads, head_dim), param_dtype,
-                                (None, "embed", "kv_heads", "head_dim"))
+        self.q_kernel = logical_param(rngs, init, (in_features, num_heads, head_dim),
+                                      param_dtype, ("embed", "heads", "head_dim"))
+        self.kv_kernel = logical_param(rngs, init, (2, in_features, num_kv_heads, head_dim),
+                                       param_dtype, (None, "embed", "kv_heads", "head_dim"))
         self.q_bias = self.kv_bias = nnx.data(None)
         if qkv_bias:
-            self.q_bias = _param(rngs, zeros, (num_heads, head_dim), param_dtype,
-                                 ("heads", "head_dim"))
-            self.kv_bias = _param(rngs, zeros, (2, num_kv_heads, head_dim), param_dtype,
-                                  (None, "kv_heads", "head_dim"))
-        self.out_kernel = _param(rngs, init, (num_heads, head_dim, out_features), param_dtype,
-                                 ("heads", "head_dim", "embed"))
-        self.out_bias = _param(rngs, zeros, (out_features,), param_dtype, ("embed",))
+            self.q_bias = logical_param(rngs, zeros, (num_heads, head_dim), param_dtype,
+                                        ("heads", "head_dim"))
+            self.kv_bias = logical_param(rngs, zeros, (2, num_kv_heads, head_dim), param_dtype,
+                                         (None, "kv_heads", "head_dim"))
+        self.out_kernel = logical_param(rngs, init, (num_heads, head_dim, out_features),
+                                        param_dtype, ("heads", "head_dim", "embed"))
+        self.out_bias = logical_param(rngs, zeros, (out_features,), param_dtype, ("embed",))
         self.rpb = nnx.data(None)
         if use_rpb:
             table = (num_heads, *(2 * k - 1 for k in self.kernel_size))
-            self.rpb = _param(rngs, nnx.initializers.truncated_normal(0.02), table, param_dtype,
-                              ("heads",) + (None,) * ndim)
+            self.rpb = logical_param(rngs, nnx.initializers.truncated_normal(0.02), table,
+                                     param_dtype, ("heads",) + (None,) * ndim)
 
     def _project_kv(self, x, dtype):
         kv = jnp.einsum("...c,zckh->z...kh", x, self.kv_kernel[...].astype(dtype))
@@ -161,84 +155,58 @@ class NeighborhoodAttention3D(NeighborhoodAttention):
                          ndim=3, **kwargs)
 
 
-# ---- a small hierarchical NAT ----------------------------------------------------------------
+# ---- the token-mixer slot ------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class NATConfig:
-    """A tiny NAT (Hassani et al., 2023) for small images such as 8x8 digits.
+class NeighborhoodMixer(NeighborhoodAttention):
+    """Neighborhood attention as a token mixer (:mod:`jaxattn.nn.mixer`): ``x [B, L, C]`` is read
+    as a grid (``grid``; ``None``: the sequence itself in 1-D, a square in 2-D), attended, and
+    flattened back. ``context [B, S, C]``, if given, is attended by every query (NATTEN's
+    additional keys/values). ``causal`` is causal along every grid dimension, which never looks
+    ahead in raster (row-major) order."""
 
-    Stages run at full, then halved resolution; between stages 2x2 patches merge (channels x2).
-    """
+    patterns = frozenset({"self", "causal_self"})
 
-    image_size: int = 8
-    in_channels: int = 1
-    num_classes: int = 10
-    dims: tuple[int, ...] = (32, 64)
-    depths: tuple[int, ...] = (1, 1)
-    heads: tuple[int, ...] = (2, 4)
-    kernel_size: int | tuple[int, ...] = 3  # one int for every stage, or one per stage
-    dilations: tuple[int, ...] = (1, 1)
-    mlp_ratio: int = 2
-    use_rpb: bool = True
+    def __init__(self, in_features: int, num_heads: int, kernel_size, *, ndim: int,
+                 grid: tuple[int, ...] | None = None, **kwargs):
+        super().__init__(in_features, num_heads, kernel_size, ndim=ndim, **kwargs)
+        if grid is not None and len(grid) != ndim:
+            raise ValueError(f"grid {grid} needs {ndim} dimensions")
+        self.grid = None if grid is None else tuple(int(g) for g in grid)
+
+    def _grid_of(self, length: int) -> tuple[int, ...]:
+        if self.grid is not None:
+            if math.prod(self.grid) != length:
+                raise ValueError(f"grid {self.grid} has {math.prod(self.grid)} cells but the "
+                                 f"sequence has L={length} tokens")
+            return self.grid
+        side = round(length ** (1.0 / self.ndim))
+        if side ** self.ndim != length:
+            raise ValueError(f"L={length} is not a {self.ndim}-D square grid; pass grid=")
+        return (side,) * self.ndim
+
+    def __call__(self, x, context=None, *, mask=None, deterministic=None, rngs=None):
+        if mask is not None:
+            raise ValueError("the neighborhood mixer takes no mask=; its window is the mask")
+        if x.ndim != 3:
+            raise ValueError(f"the neighborhood mixer expects x [B, L, C], got shape {x.shape}")
+        b, length, _ = x.shape
+        y = super().__call__(x.reshape(b, *self._grid_of(length), x.shape[-1]), context)
+        return y.reshape(b, length, y.shape[-1])
 
 
-class _NATBlock(nnx.Module):
-    """Pre-norm block: x + NA(LN(x)); x + MLP(LN(x))."""
-
-    def __init__(self, dim, heads, kernel_size, dilation, mlp_ratio, use_rpb, rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = NeighborhoodAttention2D(dim, heads, kernel_size, dilation, use_rpb=use_rpb,
-                                            rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
-
-    def __call__(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x))))
+def _neighborhood_factory(ndim: int):
+    def make(*, features, num_heads, causal, rngs, kernel_size=7, dilation=1, stride=1,
+             grid=None, num_kv_heads=None, use_rpb=False, implementation=None):
+        return NeighborhoodMixer(features, num_heads, kernel_size, ndim=ndim, grid=grid,
+                                 dilation=dilation, stride=stride, is_causal=causal,
+                                 num_kv_heads=num_kv_heads, use_rpb=use_rpb,
+                                 implementation=implementation, rngs=rngs)
+    return make
 
 
-class NATClassifier(nnx.Module):
-    """Hierarchical neighborhood-attention image classifier.
-
-    Call: images ``[B, H, W]`` or ``[B, H, W, C_in]`` -> logits ``[B, num_classes]``.
-    """
-
-    def __init__(self, config: NATConfig = NATConfig(), *, rngs: nnx.Rngs):
-        c = config
-        if not (len(c.dims) == len(c.depths) == len(c.heads) == len(c.dilations)):
-            raise ValueError("dims, depths, heads and dilations need one entry per stage")
-        self.config = c
-        self.stem = nnx.Linear(c.in_channels, c.dims[0], rngs=rngs)
-        self.stages = nnx.List()
-        self.merges = nnx.List()
-        size = c.image_size
-        kernels = c.kernel_size if isinstance(c.kernel_size, tuple) else (c.kernel_size,) * len(
-            c.dims)
-        if len(kernels) != len(c.dims):
-            raise ValueError(f"kernel_size {c.kernel_size} needs one entry per stage")
-        for i, dim in enumerate(c.dims):
-            if kernels[i] * c.dilations[i] > size:
-                raise ValueError(f"stage {i} at resolution {size} is too small for kernel "
-                                 f"{kernels[i]} x dilation {c.dilations[i]}")
-            self.stages.append(nnx.List([
-                _NATBlock(dim, c.heads[i], kernels[i], c.dilations[i], c.mlp_ratio,
-                          c.use_rpb, rngs) for _ in range(c.depths[i])]))
-            if i + 1 < len(c.dims):
-                self.merges.append(nnx.Linear(4 * dim, c.dims[i + 1], rngs=rngs))
-                size //= 2
-        self.norm = nnx.LayerNorm(c.dims[-1], rngs=rngs)
-        self.head = nnx.Linear(c.dims[-1], c.num_classes, rngs=rngs)
-
-    def __call__(self, images):
-        x = images[..., None] if images.ndim == 3 else images
-        x = self.stem(x.astype(jnp.float32))  # [B, H, W, D0]
-        for i, blocks in enumerate(self.stages):
-            for block in blocks:
-                x = block(x)
-            if i < len(self.merges):  # 2x2 patch merging
-                b, h, w, d = x.shape
-                x = x.reshape(b, h // 2, 2, w // 2, 2, d).transpose(0, 1, 3, 2, 4, 5)
-                x = self.merges[i](x.reshape(b, h // 2, w // 2, 4 * d))
-        return self.head(self.norm(jnp.mean(x, axis=(1, 2))))
+for _ndim in (1, 2):
+    register_mixer(
+        f"neighborhood_{_ndim}d", _neighborhood_factory(_ndim),
+        patterns=NeighborhoodMixer.patterns,
+        paper="Neighborhood Attention Transformer (CVPR 2023); DiNAT (2022)")

@@ -1,0 +1,22 @@
+"""Reusable backbones that take a registered token mixer per layer, so a paper's model is a
+config: a decoder-only LM, a ViT encoder with a classifier head, a hierarchical (NAT-style)
+vision backbone."""
+
+from jaxattn.models.encoder import ViTClassifier, ViTConfig, patchify
+from jaxattn.models.hierarchical import HierarchicalClassifier, HierarchicalConfig, nat_config
+from jaxattn.models.layers import MLP, MixerConfig, build_mixer
+from jaxattn.models.lm import DecoderLM, LMConfig
+
+__all__ = [
+    "DecoderLM",
+    "HierarchicalClassifier",
+    "HierarchicalConfig",
+    "LMConfig",
+    "MLP",
+    "MixerConfig",
+    "ViTClassifier",
+    "ViTConfig",
+    "build_mixer",
+    "nat_config",
+    "patchify",
+]

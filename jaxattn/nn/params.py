@@ -1,0 +1,27 @@
+"""Parameter helpers shared by the NNX layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+__all__ = ["logical_param", "normal_linear"]
+
+
+def logical_param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype: Any,
+                  names: tuple[str, ...]) -> nnx.Param:
+    """A parameter ``init(key, shape, dtype)`` annotated with logical axis ``names``
+    (``out_sharding`` metadata for :mod:`jaxattn.parallel` rules). It is created unsharded unless
+    flax's eager sharding is on inside a mesh context."""
+    eager = nnx.using_eager_sharding() and jax.sharding.get_abstract_mesh().axis_names != ()
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=eager)
+
+
+def normal_linear(din: int, dout: int, rngs: nnx.Rngs, *, bias: bool = True,
+                  std: float = 0.02) -> nnx.Linear:
+    """``nnx.Linear(din, dout)`` with an ``N(0, std)`` kernel (GPT-2 / Zoology's 0.02 default)."""
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.normal(std),
+                      rngs=rngs)
