@@ -3,6 +3,7 @@ argument validation (jaxattn.core.neighborhood, jaxattn.ops.neighborhood)."""
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,9 +129,10 @@ def test_reference_vs_brute_force(spatial, kernel, dilation, stride, causal):
     table = rng.normal(size=(2, *(2 * x - 1 for x in kernel)))
     want = _brute_force(q, k, v, kernel, dilation, stride, causal, table)
     f = lambda x: jnp.asarray(x, jnp.float32)
-    got = na.neighborhood_attention_reference(
-        f(q), f(k), f(v), kernel, dilation=dilation, stride=stride, is_causal=causal,
-        bias=f(table))
+    # jitted: one compilation instead of one per op
+    got = jax.jit(lambda q, k, v, table: na.neighborhood_attention_reference(
+        q, k, v, kernel, dilation=dilation, stride=stride, is_causal=causal, bias=table))(
+        f(q), f(k), f(v), f(table))
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
 
@@ -139,8 +141,8 @@ def test_additional_kv_is_an_unmasked_softmax_join():
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     q, k, v = f(1, 7, 2, 4), f(1, 7, 2, 4), f(1, 7, 2, 4)
     ak, av = f(1, 3, 2, 4), f(1, 3, 2, 4)
-    got = na.neighborhood_attention_reference(q, k, v, 3, is_causal=True, additional_keys=ak,
-                                              additional_values=av)
+    got = jax.jit(lambda q, k, v, ak, av: na.neighborhood_attention_reference(
+        q, k, v, 3, is_causal=True, additional_keys=ak, additional_values=av))(q, k, v, ak, av)
     # query 0 (causal) sees key 0 plus all 3 extra keys
     keys = jnp.concatenate([k[:, :1], ak], 1)[0, :, 0]
     vals = jnp.concatenate([v[:, :1], av], 1)[0, :, 0]
@@ -207,9 +209,10 @@ def test_gqa_equals_repeated_kv():
     rng = np.random.default_rng(2)
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
     q, k, v = f(2, 6, 5, 4, 8), f(2, 6, 5, 2, 8), f(2, 6, 5, 2, 8)
-    got = neighborhood_attention(q, k, v, 3, implementation="reference")
+    attend = jax.jit(lambda q, k, v: neighborhood_attention(q, k, v, 3, implementation="reference"))
+    got = attend(q, k, v)
     rep = lambda x: jnp.repeat(x, 2, axis=-2)
-    want = neighborhood_attention(q, rep(k), rep(v), 3, implementation="reference")
+    want = attend(q, rep(k), rep(v))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
