@@ -145,13 +145,15 @@ class MultiHeadAttention(nnx.Module):
         self.cache_index = nnx.data(None)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _cast(self, x):
-        return x if self.dtype is None else x.astype(self.dtype)
+    def _compute_dtype(self, x):
+        """``dtype`` if given, else the activation's (parameters are cast to it)."""
+        return x.dtype if self.dtype is None else self.dtype
 
     def _project(self, x, kernel, bias):
-        y = jnp.einsum("bld,dnh->blnh", self._cast(x), self._cast(kernel[...]))
+        dtype = self._compute_dtype(x)
+        y = jnp.einsum("bld,dnh->blnh", x.astype(dtype), kernel[...].astype(dtype))
         if bias is not None:
-            y = y + self._cast(bias[...])
+            y = y + bias[...].astype(dtype)
         return y
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
@@ -312,9 +314,10 @@ class MultiHeadAttention(nnx.Module):
     def _output(self, out):
         """``[B, T, N, H]`` -> ``[B, T, out_features]`` (output projection)."""
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("btnh,nho->bto", out, self._cast(self.out_kernel[...]))
+        dtype = self._compute_dtype(out)
+        y = jnp.einsum("btnh,nho->bto", out.astype(dtype), self.out_kernel[...].astype(dtype))
         if self.use_bias:
-            y = y + self._cast(self.out_bias[...])
+            y = y + self.out_bias[...].astype(dtype)
         return y
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxattn.nn import mixer as mixer_lib
-from jaxattn.nn.params import normal_linear
+from jaxattn.nn.params import apply_linear, normal_linear
 
 __all__ = ["BaseConv", "ImplicitFilter", "causal_short_conv", "fft_causal_conv"]
 
@@ -121,7 +121,7 @@ class BaseConv(nnx.Module):
                 raise ValueError(f"sequence length {u.shape[1]} exceeds the long convolution's "
                                  f"max_length={self.max_length}")
             conv = fft_causal_conv(u, self.filter()[: u.shape[1]])
-        return conv * self.projection(u) + u
+        return conv * apply_linear(self.projection, u) + u
 
 
 def _make_baseconv(*, features, num_heads, causal, rngs, kernel_size: int = 3,

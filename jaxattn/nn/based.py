@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxattn.nn import mixer as mixer_lib
-from jaxattn.nn.params import normal_linear
+from jaxattn.nn.params import apply_linear, normal_linear
 
 __all__ = ["BasedLinearAttention", "based_linear", "based_quadratic", "taylor_feature_map"]
 
@@ -105,10 +105,10 @@ class BasedLinearAttention(nnx.Module):
     def __call__(self, x, *, context=None, mask=None, deterministic=None, rngs=None):
         mixer_lib.refuse_context(context, "based")
         mixer_lib.refuse_mask(mask, "based")
-        q, k, v = (self._heads(p(x)) for p in (self.proj_q, self.proj_k, self.proj_v))
+        q, k, v = (self._heads(apply_linear(p, x)) for p in (self.proj_q, self.proj_k, self.proj_v))
         fn = based_quadratic if self.view == "quadratic" else based_linear
         y = fn(q, k, v, causal=self.causal)  # [B, N, L, D / N]
-        return self.proj_o(y.transpose(0, 2, 1, 3).reshape(x.shape))
+        return apply_linear(self.proj_o, y.transpose(0, 2, 1, 3).reshape(x.shape))
 
 
 def _make_based(*, features, num_heads, causal, rngs, feature_dim: int = 8,

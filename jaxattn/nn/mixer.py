@@ -97,9 +97,14 @@ def total_aux_loss(losses: Mapping[str, jax.Array]) -> jax.Array:
 
 
 class TokenMixer(nnx.Module):
-    """Optional base class documenting the protocol (any module with this call works)."""
+    """Optional base class documenting the protocol (any module with this call works).
+
+    ``patterns``: the patterns the mixer supports; ``aux_loss_names``: the aux losses it sows
+    in training mode (``deterministic=False``), checked by the conformance suite.
+    """
 
     patterns: ClassVar[frozenset[str]] = frozenset()
+    aux_loss_names: ClassVar[frozenset[str]] = frozenset()
 
     def __call__(self, x, *, context=None, mask=None, deterministic=None, rngs=None):
         raise NotImplementedError

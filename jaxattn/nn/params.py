@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-__all__ = ["logical_param", "normal_linear"]
+__all__ = ["apply_linear", "logical_param", "normal_linear"]
 
 
 def logical_param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype: Any,
@@ -25,3 +25,12 @@ def normal_linear(din: int, dout: int, rngs: nnx.Rngs, *, bias: bool = True,
     """``nnx.Linear(din, dout)`` with an ``N(0, std)`` kernel (GPT-2 / Zoology's 0.02 default)."""
     return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.normal(std),
                       rngs=rngs)
+
+
+def apply_linear(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """``x @ kernel + bias`` of an ``nnx.Linear`` computed in ``x``'s dtype (parameters cast),
+    so a bf16 activation with f32 parameters stays bf16 under strict dtype promotion."""
+    y = x @ layer.kernel[...].astype(x.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias[...].astype(x.dtype)
+    return y

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxattn import masks
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.attention import MultiHeadAttention
-from jaxattn.nn.params import normal_linear
+from jaxattn.nn.params import apply_linear, normal_linear
 
 __all__ = ["SigmoidLookupAttention", "prefix_top_k"]
 
@@ -56,6 +56,7 @@ class SigmoidLookupAttention(nnx.Module):
     """
 
     patterns = frozenset({"self", "causal_self"})
+    aux_loss_names = frozenset({"budget"})  # sown in training mode
 
     def __init__(self, dim: int, *, num_heads: int = 1, num_lookups: int | None = None,
                  aux_weight: float = 1e-3, dropout: float = 0.0, causal: bool = True,
@@ -76,7 +77,7 @@ class SigmoidLookupAttention(nnx.Module):
         mixer_lib.refuse_mask(mask, "sigmoid_lookup")
         length = x.shape[1]
         k = min(self.num_lookups or math.ceil(math.sqrt(length)), length)
-        s = jax.nn.sigmoid(self.gate(x))  # [B, L, 1]
+        s = jax.nn.sigmoid(apply_linear(self.gate, x))  # [B, L, 1]
         if not deterministic:
             excess = jnp.mean(s.astype(jnp.float32)) - jnp.asarray(k / length, jnp.float32)
             mixer_lib.sow_aux_loss(self, "budget", jnp.asarray(self.aux_weight, jnp.float32)
