@@ -1,11 +1,18 @@
 """Command line: ``python -m experiments <name> [--quick] [--override key=value ...] [--list]``
-(``--print-config`` prints the resolved config)."""
+(``--print-config`` prints the resolved config).
+
+Results go to a fresh run directory ``runs/<name>/<timestamp>/`` (git-ignored) unless
+``--results-dir DIR`` names another; ``--publish`` writes to the experiment's committed results
+folder (``experiments/<name>/results/``) instead, to refresh what the READMEs show."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import pathlib
 import sys
+import time
 
 from experiments import REGISTRY, get
 from jaxattn.train.config import apply_overrides, config_to_dict
@@ -19,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field, e.g. optim.learning_rate=3e-3 (repeatable; "
                              "several may follow one --override)", nargs="+")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--results-dir", metavar="DIR",
+                       help="write results here (default: runs/<name>/<timestamp>/)")
+    where.add_argument("--publish", action="store_true",
+                       help="write into the committed experiments/<name>/results/")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit")
     args = parser.parse_args(argv)
@@ -34,11 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    cfg = _with_results_dir(cfg, args)
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=1))
         return 0
     module.main(cfg)
     return 0
+
+
+def _with_results_dir(cfg, args):
+    """``cfg`` with ``sweep.output_dir`` set from ``--results-dir`` / ``--publish`` / the default
+    run directory (experiments without a ``sweep.output_dir`` are returned unchanged)."""
+    sweep = getattr(cfg, "sweep", None)
+    if args.publish or sweep is None or not hasattr(sweep, "output_dir"):
+        return cfg
+    out = args.results_dir or str(
+        pathlib.Path("runs") / args.name / time.strftime("%Y%m%d-%H%M%S"))
+    return dataclasses.replace(cfg, sweep=dataclasses.replace(sweep, output_dir=out))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,15 @@ def test_cli_list_print_config_and_errors(capsys):
     assert "unknown field" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown experiment"):
         experiments.get("nope")
+
+
+def test_cli_results_go_to_a_run_directory_unless_published(capsys, tmp_path):
+    from experiments.zoology.experiment import HERE
+
+    assert cli(["zoology", "--quick", "--print-config"]) == 0
+    out = json.loads(capsys.readouterr().out)["sweep"]["output_dir"]
+    assert out.startswith("runs/zoology/") and len(out) > len("runs/zoology/")
+    assert cli(["zoology", "--quick", "--print-config", "--results-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["sweep"]["output_dir"] == str(tmp_path)
+    assert cli(["zoology", "--quick", "--print-config", "--publish"]) == 0
+    assert json.loads(capsys.readouterr().out)["sweep"]["output_dir"] == str(HERE / "results")
