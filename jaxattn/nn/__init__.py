@@ -4,7 +4,7 @@ Every token mixer registers itself in :data:`MIXERS` when its module is imported
 are, here); :func:`make_mixer` builds one by name (see :mod:`jaxattn.nn.mixer`).
 """
 
-from jaxattn.nn import baseconv, based, sigmoid_lookup  # noqa: F401  (register their mixers)
+from jaxattn.nn import baseconv, based, moh, sigmoid_lookup  # noqa: F401  (register mixers)
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.baseconv import BaseConv
 from jaxattn.nn.based import BasedLinearAttention
@@ -21,6 +21,7 @@ from jaxattn.nn.mixer import (
     sow_aux_loss,
     total_aux_loss,
 )
+from jaxattn.nn.moh import MoHAttention
 from jaxattn.nn.neighborhood import (
     NeighborhoodAttention,
     NeighborhoodAttention1D,
@@ -38,6 +39,7 @@ __all__ = [
     "BaseConv",
     "BasedLinearAttention",
     "MixerSpec",
+    "MoHAttention",
     "MultiHeadAttention",
     "NeighborhoodAttention",
     "NeighborhoodAttention1D",

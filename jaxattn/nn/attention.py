@@ -180,6 +180,7 @@ class MultiHeadAttention(nnx.Module):
         deterministic: bool | None = None,
         rngs: nnx.Rngs | None = None,
         decode: bool | None = None,
+        head_weights=None,
     ):
         """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
 
@@ -187,7 +188,8 @@ class MultiHeadAttention(nnx.Module):
         [B, S, in_kv_features]`` (the token-mixer protocol's name) is the same as
         ``inputs_k=inputs_v=context``. ``positions [B, T]`` feed RoPE (default ``arange``; in
         decoding, the cache index onward). ``mask``, ``bias`` and segment ids are passed to
-        ``attention_fn``.
+        ``attention_fn``. ``head_weights [B, T, N]`` scales each head's output per token before
+        the output projection (mixtures of heads, e.g. MoH); ``None`` = every head weight 1.
 
         With ``decode=True`` the step's keys/values are appended to the cache at the cache
         index. A step that would run past ``max_length`` raises when the index is concrete;
@@ -219,7 +221,7 @@ class MultiHeadAttention(nnx.Module):
                                         deterministic, rngs)
         attention_fn = self.decode_attention_fn if decode else self.attention_fn
         out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
-        y = self._output(out)
+        y = self._output(out, head_weights)
         if decode and isinstance(offset, jax.core.Tracer):
             # Under jit the cache position is traced: a step past the cache end cannot raise,
             # and dynamic_update_slice would clamp the write. Poison the output with NaN instead
@@ -311,8 +313,13 @@ class MultiHeadAttention(nnx.Module):
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=source.dropout())
         return kwargs
 
-    def _output(self, out):
-        """``[B, T, N, H]`` -> ``[B, T, out_features]`` (output projection)."""
+    def _output(self, out, head_weights=None):
+        """``[B, T, N, H]`` (times ``head_weights [B, T, N]``) -> ``[B, T, out_features]``."""
+        if head_weights is not None:
+            if head_weights.shape != out.shape[:3]:
+                raise ValueError(f"head_weights must be [B, T, N] = {out.shape[:3]}, got shape "
+                                 f"{head_weights.shape}")
+            out = out * head_weights[..., None].astype(out.dtype)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         dtype = self._compute_dtype(out)
         y = jnp.einsum("btnh,nho->bto", out.astype(dtype), self.out_kernel[...].astype(dtype))
