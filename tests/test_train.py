@@ -1,5 +1,6 @@
 """The shared training loop: config overrides, optimizer schedule, loss going down, determinism
-of training and evaluation, gradient accumulation, bf16 policy and parameter sharding rules."""
+of training and evaluation, gradient accumulation, bf16 policy, parameter sharding rules, the
+one MeshConfig shared with jaxattn.parallel, and sown auxiliary losses."""
 
 import dataclasses
 
@@ -12,6 +13,7 @@ from flax import nnx
 
 from jaxattn import parallel
 from jaxattn.nn import MultiHeadAttention
+from jaxattn.nn.mixer import sow_aux_loss
 from jaxattn.train import (
     ExperimentConfig,
     MeshConfig,
@@ -58,6 +60,7 @@ def _eval(model, batch):
 
 TASK = Task(make_model=lambda rngs: TinyNet(rngs), loss_fn=_loss,
             train_source=DigitsSource("train"), eval_source=DigitsSource("test"), eval_fn=_eval)
+TRAIN_ONLY = dataclasses.replace(TASK, eval_fn=None)  # for tests of the train step alone
 
 
 def _cfg(**run):
@@ -132,18 +135,18 @@ def test_training_and_eval_are_deterministic():
 
 
 def test_gradient_accumulation_matches_full_batch():
-    full = train(_cfg(steps=1), TASK)
+    full = train(_cfg(steps=1), TRAIN_ONLY)
     acc_cfg = _cfg(steps=1)
     acc_cfg = dataclasses.replace(acc_cfg, optim=dataclasses.replace(acc_cfg.optim,
                                                                      accumulate_steps=4))
-    acc = train(acc_cfg, TASK)
+    acc = train(acc_cfg, TRAIN_ONLY)
     # loss and gradient of the first step (before any update) agree up to f32 summation order.
     # (Parameters are not compared: Adam's first step is ~lr * sign(g), which turns rounding
     # differences in near-zero gradient entries into full-size differences.)
     for key in ("loss", "grad_norm"):
         assert full.history[0][key] == pytest.approx(acc.history[0][key], rel=1e-5)
     wrong = train(dataclasses.replace(acc_cfg, run=dataclasses.replace(acc_cfg.run, seed=1)),
-                  TASK)
+                  TRAIN_ONLY)
     assert wrong.history[0]["grad_norm"] != pytest.approx(full.history[0]["grad_norm"],
                                                           rel=1e-5)
 
@@ -176,6 +179,22 @@ def test_rules_shard_parameters_over_the_mesh():
         train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, batch_size=30)), TASK)
 
 
+def test_one_mesh_config_shared_with_jaxattn_parallel():
+    """jaxattn.train re-exports jaxattn.parallel's MeshConfig / make_mesh. The config's default
+    is data parallelism over every device; make_mesh's keyword sizes name the whole mesh (axes
+    not named are 1); ``mesh.*`` overrides still parse."""
+    assert MeshConfig is parallel.MeshConfig and make_mesh is parallel.make_mesh
+    assert dict(make_mesh(ExperimentConfig(model=None, data=None).mesh).shape) == {
+        "data": 8, "fsdp": 1, "tensor": 1, "context": 1}
+    assert dict(make_mesh(context=-1).shape)["context"] == 8
+    with pytest.raises(ValueError, match="needs 2 devices, 8 are available"):
+        make_mesh(tensor=2)
+    cfg = apply_overrides(ExperimentConfig(model=None, data=None),
+                          ["mesh.data=2", "mesh.context=4"])
+    assert cfg.mesh == MeshConfig(data=2, context=4)
+    assert dict(make_mesh(cfg.mesh).shape) == {"data": 2, "fsdp": 1, "tensor": 1, "context": 4}
+
+
 def test_fsdp_mesh_uses_the_default_rules_and_matches_data_parallel():
     """fsdp=4: weights' embed axis and the batch over fsdp (jaxattn.parallel.DEFAULT_RULES), the
     steps traced under axis_rules; the trajectory equals the pure data-parallel run."""
@@ -189,8 +208,8 @@ def test_fsdp_mesh_uses_the_default_rules_and_matches_data_parallel():
         traced_rules.append(parallel.current_rules())
         return _loss(model, batch, rngs)
 
-    res_f = train(fsdp, dataclasses.replace(TASK, loss_fn=loss))
-    res_d = train(base, TASK)
+    res_f = train(fsdp, dataclasses.replace(TRAIN_ONLY, loss_fn=loss))
+    res_d = train(base, TRAIN_ONLY)
     assert traced_rules and traced_rules[0][0] == mesh_rules(fsdp.mesh)
     assert dict(traced_rules[0][1].shape)["fsdp"] == 4
     kern = nnx.state(res_f.model, nnx.Param)["attn"]["query_kernel"][...]
@@ -212,3 +231,91 @@ def test_metrics_files_are_written(tmp_path):
         (2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
     if pytest.importorskip("tensorboardX"):
         assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+# ---- auxiliary losses -------------------------------------------------------------------------
+AUX_C = np.array([1.0, -1.0, 0.5, -0.25], np.float32)  # every example's x: d(task loss)/dw
+AUX_W0 = np.array([0.25, 1.0, -1.0, 0.5], np.float32)  # initial w: d(aux loss)/dw at step 0
+
+
+class _L2Mixer(nnx.Module):
+    """``x @ w``; sows the aux loss ``0.5 |w|^2`` (gradient ``w``) when ``sow``."""
+
+    def __init__(self, sow: bool):
+        self.w = nnx.Param(jnp.asarray(AUX_W0))
+        self.sows = sow
+
+    def __call__(self, x):
+        if self.sows:
+            sow_aux_loss(self, "l2", 0.5 * jnp.sum(self.w[...] ** 2))
+        return x @ self.w[...]
+
+
+class _AuxNet(nnx.Module):
+    def __init__(self, sow: bool):
+        self.mixer = _L2Mixer(sow)
+
+    def __call__(self, x):
+        return self.mixer(x)
+
+
+class _ConstSource:
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"x": AUX_C}
+
+
+def _aux_task(sow=True, metrics=lambda y: {}):
+    def loss(model, batch, rngs):  # mean(x . w): gradient AUX_C
+        y = model(batch["x"])
+        return jnp.mean(y), metrics(y)
+
+    return Task(make_model=lambda rngs: _AuxNet(sow), loss_fn=loss, train_source=_ConstSource(),
+                eval_source=_ConstSource(), eval_fn=lambda model, batch: {"y": model(batch["x"])})
+
+
+def _aux_run(task, weight, accumulate=1):
+    cfg = ExperimentConfig(
+        model=None, data=None, mesh=MeshConfig(data=1),
+        optim=OptimConfig(learning_rate=0.1, weight_decay=0.0, grad_clip_norm=None,
+                          schedule="constant", aux_loss_weight=weight,
+                          accumulate_steps=accumulate),
+        run=RunConfig(steps=1, batch_size=4, log_every=1, progress=False, eval_batch_size=4,
+                      eval_examples=4))
+    res = train(cfg, task)
+    return res, res.history[0], np.asarray(nnx.state(res.model, nnx.Param)["mixer"]["w"][...])
+
+
+def test_sown_aux_losses_are_weighted_into_the_trained_loss():
+    """The gradient is d(task)/dw + weight * d(aux)/dw = AUX_C + weight * AUX_W0: weight 0 and 2
+    give the predicted, different first Adam updates (-lr * g / (|g| + eps)), and the weighted
+    aux loss is reported (averaged, not summed, over accumulated micro-batches)."""
+    aux_value = 0.5 * float(np.sum(AUX_W0 ** 2))
+    task_loss = float(AUX_C @ AUX_W0)
+    updates = {}
+    for weight in (0.0, 2.0):
+        res, logged, w = _aux_run(_aux_task(), weight)
+        g = AUX_C.astype(np.float64) + weight * AUX_W0
+        assert logged["grad_norm"] == pytest.approx(np.linalg.norm(g), rel=1e-6)
+        assert logged["aux_loss"] == pytest.approx(weight * aux_value, rel=1e-6)
+        assert logged["loss"] == pytest.approx(task_loss + weight * aux_value, rel=1e-6)
+        # Adam's bias-corrected first step in f32: a few ulps from the float64 prediction
+        np.testing.assert_allclose(w, AUX_W0 - 0.1 * g / (np.abs(g) + 1e-8), rtol=0, atol=1e-6)
+        assert set(res.eval_metrics) == {"y"}  # eval ran the sowing model; aux not reported
+        assert len(nnx.state(res.model, nnx.Param)["mixer"]["w"][...].sharding.device_set) == 1
+        updates[weight] = w - AUX_W0
+    assert np.sign(updates[0.0]).tolist() == [-1, 1, -1, 1]
+    assert np.sign(updates[2.0]).tolist() == [-1, -1, 1, -1]
+    _, accumulated, _ = _aux_run(_aux_task(), 2.0, accumulate=2)
+    for key in ("aux_loss", "loss", "grad_norm"):
+        assert accumulated[key] == pytest.approx(logged[key], rel=1e-6)
+
+
+def test_without_sown_aux_losses_the_metrics_are_unchanged():
+    _, logged, _ = _aux_run(_aux_task(sow=False), 2.0)
+    assert set(logged) == {"step", "split", "loss", "grad_norm"}
+    assert logged["grad_norm"] == pytest.approx(np.linalg.norm(AUX_C), rel=1e-6)
+    with pytest.raises(ValueError, match="aux_loss"):
+        _aux_run(_aux_task(metrics=lambda y: {"aux_loss": jnp.mean(y)}), 1.0)

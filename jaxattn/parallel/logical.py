@@ -64,15 +64,35 @@ DEFAULT_RULES: Rules = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the four mesh axes; one of them may be ``-1`` (use the remaining devices)."""
+    """Sizes of the four mesh axes and the run's extra logical-axis rules.
 
-    data: int = 1
+    One size may be ``-1``: that axis takes the devices the others leave. The default is pure
+    data parallelism over every device (``data=-1``, the others 1), the training loop's default
+    (``jaxattn.train.ExperimentConfig.mesh``). ``make_mesh(tensor=8)`` (keyword sizes) instead
+    builds the mesh it names, with every axis it does not name of size 1.
+
+    ``rules`` are ``(logical_name, mesh_axis)`` pairs placed in front of :data:`DEFAULT_RULES`
+    by the training loop (``jaxattn.train.mesh_rules``; the first rule for a name wins), so the
+    defaults already give FSDP when ``fsdp > 1`` (weights' ``embed`` and the batch over
+    ``fsdp``) and tensor parallelism when ``tensor > 1``. :func:`make_mesh` does not read them.
+    """
+
+    data: int = -1
     fsdp: int = 1
     tensor: int = 1
     context: int = 1
+    rules: tuple[tuple[str, str], ...] = ()
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        """``(data, fsdp, tensor, context)`` as given (``-1`` unresolved)."""
+        return (self.data, self.fsdp, self.tensor, self.context)
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
-        sizes = [self.data, self.fsdp, self.tensor, self.context]
+        """The four axis sizes over ``num_devices`` devices (the ``-1`` resolved).
+
+        Raises ``ValueError`` when two sizes are ``-1``, a size is 0 or below ``-1``, or the
+        sizes do not multiply to ``num_devices``."""
+        sizes = list(self.sizes())
         if sizes.count(-1) > 1:
             raise ValueError(f"at most one mesh axis may be -1, got {self}")
         if any(s == 0 or s < -1 for s in sizes):
@@ -93,11 +113,13 @@ class MeshConfig:
 def make_mesh(config: MeshConfig | None = None, devices: Sequence | None = None, **sizes) -> Mesh:
     """Build a ``Mesh`` with axes ``("data", "fsdp", "tensor", "context")`` (all ``Auto``).
 
-    ``make_mesh(MeshConfig(data=2, context=4))`` or ``make_mesh(context=-1)``. ``devices``
-    defaults to all devices (every process's, under ``jax.distributed``).
+    ``make_mesh(MeshConfig(data=2, context=4))``, or axis sizes as keywords:
+    ``make_mesh(context=-1)``, ``make_mesh(data=2, tensor=4)`` (axes not named have size 1).
+    ``devices`` defaults to all devices (every process's, under ``jax.distributed``); the mesh
+    uses all of them, so the sizes must multiply to their number (``ValueError`` otherwise).
     """
     if config is None:
-        config = MeshConfig(**sizes)
+        config = MeshConfig(**{"data": 1, **sizes})
     elif sizes:
         raise TypeError("pass either a MeshConfig or axis sizes, not both")
     devices = list(jax.devices() if devices is None else devices)

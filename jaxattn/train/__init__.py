@@ -4,6 +4,7 @@ Needs the ``[train]`` extra (optax, orbax-checkpoint, grain, tqdm; tensorflow-da
 scikit-learn, matplotlib and tensorboardX for the optional sources, plots and event files).
 """
 
+from jaxattn.parallel.logical import make_mesh  # re-exported: the one mesh builder
 from jaxattn.train.checkpoint import Checkpointer
 from jaxattn.train.config import (
     ExperimentConfig,
@@ -18,7 +19,6 @@ from jaxattn.train.loop import (
     Task,
     TrainResult,
     batch_sharding,
-    make_mesh,
     mesh_rules,
     param_shardings,
     train,

@@ -2,7 +2,8 @@
 ``key=value`` command-line overrides.
 
 An experiment config is a tree of frozen dataclasses (``ExperimentConfig`` holds ``model``,
-``data``, ``optim``, ``mesh``, ``run`` and experiment-specific sections). ``apply_overrides``
+``data``, ``optim``, ``mesh`` (:class:`jaxattn.parallel.MeshConfig`, re-exported here), ``run``
+and experiment-specific sections). ``apply_overrides``
 walks dotted keys (``optim.learning_rate=3e-3``, ``sweep.widths=32,64``) and parses each value
 with the field's annotated type, so a typo or a wrong type fails loudly before anything runs.
 """
@@ -14,6 +15,8 @@ import types
 import typing
 from collections.abc import Iterable
 from typing import Any
+
+from jaxattn.parallel.logical import MeshConfig  # the one mesh config; re-exported here
 
 __all__ = [
     "ExperimentConfig",
@@ -40,23 +43,7 @@ class OptimConfig:
     end_lr_fraction: float = 0.0  # final lr = learning_rate * end_lr_fraction
     grad_clip_norm: float | None = 1.0
     accumulate_steps: int = 1  # micro-batches per step (the global batch is split)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh over :mod:`jaxattn.parallel`'s axes ``data``, ``fsdp``, ``tensor`` and
-    ``context``; one size may be ``-1`` (the devices left over; by default ``data``, i.e. pure
-    data parallelism). ``rules`` are ``(logical_name, mesh_axis)`` pairs placed in front of
-    ``jaxattn.parallel.DEFAULT_RULES`` (the first rule for a name wins), so the defaults already
-    give FSDP when ``fsdp > 1`` (weights' ``embed`` and the batch over ``fsdp``) and tensor
-    parallelism when ``tensor > 1``. Parameters whose logical names have no rule, and
-    unannotated parameters, are replicated."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    context: int = 1
-    rules: tuple[tuple[str, str], ...] = ()
+    aux_loss_weight: float = 1.0  # times the sum of the aux losses sown (jaxattn.nn.mixer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,12 @@ by the logical-axis rules of :mod:`jaxattn.parallel.logical` (``MeshConfig.rules
 ``DEFAULT_RULES``), and the steps are traced under ``axis_rules`` so layers' activation
 constraints (``jaxattn.parallel.constrain``) follow the same table. The batch of step ``s`` is
 ``train_dataset[s]`` and the dropout key is ``fold_in(key, s)``, so a run restored from a
-checkpoint continues bit-for-bit.
+checkpoint continues bit-for-bit. The train step donates the state buffers it is given
+(parameters, optimizer state, the rest); the loop only ever uses the state a step returns.
+
+The loss runs under :func:`jaxattn.nn.mixer.capture_aux_losses`: auxiliary losses sown by the
+model's mixers are added to it, weighted by ``OptimConfig.aux_loss_weight`` (averaged over
+micro-batches like the loss when ``accumulate_steps > 1``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxattn import parallel
+from jaxattn.nn.mixer import capture_aux_losses, total_aux_loss
+from jaxattn.parallel.logical import MeshConfig, make_mesh
 from jaxattn.train.checkpoint import Checkpointer, abstract_like
-from jaxattn.train.config import ExperimentConfig, MeshConfig, RunConfig
+from jaxattn.train.config import ExperimentConfig, OptimConfig, RunConfig
 from jaxattn.train.data import eval_batches, global_batch, train_dataset
 from jaxattn.train.metrics import MetricsWriter, ProgressBar
 from jaxattn.train.optim import make_optimizer
@@ -40,7 +47,6 @@ __all__ = [
     "Task",
     "TrainResult",
     "batch_sharding",
-    "make_mesh",
     "mesh_rules",
     "param_shardings",
     "train",
@@ -59,9 +65,13 @@ class Task:
     """What an experiment supplies to the loop.
 
     Attributes:
-      make_model: ``rngs -> nnx.Module``.
+      make_model: ``rngs -> nnx.Module``, a fresh module each call (the loop copies its
+        arrays onto the mesh and donates those copies to the train step).
       loss_fn: ``(model, batch, rngs) -> (scalar loss, {name: scalar})``; ``rngs`` has a
-        ``dropout`` stream keyed by the step.
+        ``dropout`` stream keyed by the step. Aux losses the model sows
+        (:func:`jaxattn.nn.mixer.sow_aux_loss`) are added to the loss times
+        ``OptimConfig.aux_loss_weight``; the step metrics then report that weighted sum as
+        ``aux_loss`` and ``loss`` is the total that was differentiated.
       train_source: random-access source (``len``, ``[i] -> dict of numpy arrays``).
       eval_source: optional source for ``eval_fn``.
       eval_fn: ``(model, batch) -> {name: per-example values [B]}``; the loop averages them
@@ -88,16 +98,14 @@ class TrainResult:
 
 
 # ---- mesh and shardings -----------------------------------------------------------------------
-def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A ``("data", "fsdp", "tensor", "context")`` mesh over ``devices`` (default: all).
-
-    Without a ``-1`` size the mesh takes the first ``data * fsdp * tensor * context`` devices.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = (cfg.data, cfg.fsdp, cfg.tensor, cfg.context)
+def _run_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+    """The mesh of a run: ``cfg`` over all devices, or, when no size is ``-1``, over the first
+    ``data * fsdp * tensor * context`` of them (``mesh.data=2`` on 8 devices uses 2)."""
+    devices = jax.devices()
+    sizes = cfg.sizes()
     if -1 not in sizes and all(s >= 1 for s in sizes) and math.prod(sizes) < len(devices):
         devices = devices[: math.prod(sizes)]
-    return parallel.make_mesh(parallel.MeshConfig(*sizes), devices)
+    return make_mesh(cfg, devices)
 
 
 def mesh_rules(cfg: MeshConfig) -> tuple:
@@ -167,71 +175,177 @@ def _under_rules(fn, mesh, rules):
     return wrapped
 
 
-def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: RunConfig,
-                 accumulate: int, seed: int):
-    compute_dtype = {"f32": None, "bf16": jnp.bfloat16}.get(run.precision, "bad")
-    if compute_dtype == "bad":
+def _compute_dtype(run: RunConfig):
+    """``None`` (f32 compute) or ``jnp.bfloat16`` from ``run.precision``."""
+    if run.precision not in ("f32", "bf16"):
         raise ValueError(f"run.precision must be 'f32' or 'bf16', got {run.precision!r}")
+    return None if run.precision == "f32" else jnp.bfloat16
+
+
+def _with_aux_losses(loss_fn: LossFn, weight: float) -> LossFn:
+    """``loss_fn`` run under :func:`jaxattn.nn.mixer.capture_aux_losses`: the f32 loss plus
+    ``weight`` times the sum of the aux losses sown during it, and that weighted sum reported as
+    metric ``aux_loss`` (only when something was sown, so other tasks' metrics are unchanged)."""
+
+    def loss_with_aux(model, batch, rngs):
+        (loss, metrics), aux = capture_aux_losses(loss_fn, model, batch, rngs)
+        loss = loss.astype(jnp.float32)
+        if not aux:
+            return loss, metrics
+        if "aux_loss" in metrics:
+            raise ValueError("task.loss_fn returned a metric named 'aux_loss'; the loop reports "
+                             "the weighted sum of the sown aux losses under that name")
+        weighted = weight * total_aux_loss(aux)
+        return loss + weighted, {**metrics, "aux_loss": weighted}
+
+    return loss_with_aux
+
+
+def _micro_batches(batch: Any, accumulate: int) -> Any:
+    """``[B, ...] -> [accumulate, B / accumulate, ...]`` for every leaf of ``batch``."""
+    return jax.tree.map(
+        lambda x: x.reshape((accumulate, x.shape[0] // accumulate) + x.shape[1:]), batch)
+
+
+def _accumulated_grads(grad_fn, accumulate: int, params, rest, batch, key):
+    """Loss, metrics and gradients averaged over ``accumulate`` micro-batches (a ``scan``;
+    micro-batch ``i`` uses dropout key ``fold_in(key, i)``), and the final ``rest``."""
+    micro = _micro_batches(batch, accumulate)
+
+    def body(carry, inputs):
+        g_acc, loss_acc, metrics_acc, r = carry
+        i, mb = inputs
+        (loss, (metrics, r)), g = grad_fn(params, r, mb, jax.random.fold_in(key, i))
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+        return (g_acc, loss_acc + loss, metrics_acc, r), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    metrics0 = jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(
+        lambda x: x[0], micro), key)[0][1][0])
+    metrics0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics0)
+    idx = jnp.arange(accumulate, dtype=jnp.int32)
+    (grads, loss, metrics, rest), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), metrics0, rest), (idx, micro))
+    inv = 1.0 / accumulate
+    grads = jax.tree.map(lambda g: g * jnp.asarray(inv, g.dtype), grads)
+    metrics = jax.tree.map(lambda a: a * jnp.asarray(inv, a.dtype), metrics)
+    return loss * inv, metrics, rest, grads
+
+
+def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: RunConfig,
+                 optim: OptimConfig, seed: int):
+    """The pure ``train_step(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
+    metrics)`` and ``eval_step(params, rest, batch, valid) -> ({name: sum}, n_valid)``."""
+    compute_dtype = _compute_dtype(run)
     base_key = jax.random.key(seed + 1)
+    accumulate = optim.accumulate_steps
+    task_loss = _with_aux_losses(task.loss_fn, optim.aux_loss_weight)
+
+    def merged(params, rest, batch):
+        """The model and batch of one step, cast to the compute dtype (labels untouched)."""
+        if compute_dtype is not None:
+            params, batch = _cast_floats(params, compute_dtype), _cast_floats(batch, compute_dtype)
+        return nnx.merge(graphdef, params, rest), batch
 
     def loss_of(params, rest, batch, key):
-        p = params if compute_dtype is None else _cast_floats(params, compute_dtype)
-        if compute_dtype is not None:  # bf16 compute: floating inputs too, labels untouched
-            batch = _cast_floats(batch, compute_dtype)
-        model = nnx.merge(graphdef, p, rest)
-        loss, aux = task.loss_fn(model, batch, nnx.Rngs(dropout=key))
-        new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return loss.astype(jnp.float32), (aux, new_rest)
+        model, batch = merged(params, rest, batch)
+        loss, metrics = task_loss(model, batch, nnx.Rngs(dropout=key))
+        return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def train_step(params, opt_state, rest, batch, step):
         key = jax.random.fold_in(base_key, step)
         if accumulate == 1:
-            (loss, (aux, rest)), grads = grad_fn(params, rest, batch, key)
+            (loss, (metrics, rest)), grads = grad_fn(params, rest, batch, key)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((accumulate, x.shape[0] // accumulate) + x.shape[1:]), batch)
-
-            def body(carry, inputs):
-                g_acc, loss_acc, aux_acc, r = carry
-                i, mb = inputs
-                (l, (a, r)), g = grad_fn(params, r, mb, jax.random.fold_in(key, i))
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
-                aux_acc = jax.tree.map(jnp.add, aux_acc, a)
-                return (g_acc, loss_acc + l, aux_acc, r), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            aux0 = jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(
-                lambda x: x[0], micro), key)[0][1][0])
-            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-            idx = jnp.arange(accumulate, dtype=jnp.int32)
-            (grads, loss, aux, rest), _ = jax.lax.scan(
-                body, (zeros, jnp.zeros((), jnp.float32), aux0, rest), (idx, micro))
-            inv = 1.0 / accumulate
-            grads = jax.tree.map(lambda g: g * jnp.asarray(inv, g.dtype), grads)
-            loss = loss * inv
-            aux = jax.tree.map(lambda a: a * jnp.asarray(inv, a.dtype), aux)
+            loss, metrics, rest, grads = _accumulated_grads(
+                grad_fn, accumulate, params, rest, batch, key)
         # optax mixes Python floats with int32 step counts internally (bias correction,
         # schedules); allow standard promotion for the optimizer only, so the model code
         # above still runs under the strict mode the test-suite sets.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return params, opt_state, rest, metrics
 
     def eval_step(params, rest, batch, valid):
-        p = params if compute_dtype is None else _cast_floats(params, compute_dtype)
-        if compute_dtype is not None:
-            batch = _cast_floats(batch, compute_dtype)
-        model = nnx.merge(graphdef, p, rest)
-        per_example = task.eval_fn(model, batch)
+        model, batch = merged(params, rest, batch)
+        # aux losses sown during evaluation are collected and dropped (they are per batch, the
+        # eval metrics per example)
+        per_example, _ = capture_aux_losses(task.eval_fn, model, batch)
         w = valid.astype(jnp.float32)
         sums = {k: jnp.sum(v.astype(jnp.float32) * w) for k, v in per_example.items()}
         return sums, jnp.sum(w)
 
     return train_step, eval_step
+
+
+# ---- state: initialise, compile, restore ------------------------------------------------------
+_STATE_KEYS = ("params", "opt_state", "rest")  # the train state (and checkpoint) layout
+
+
+def _init_state(task: Task, seed: int, tx: optax.GradientTransformation,
+                mesh: jax.sharding.Mesh, rules: tuple):
+    """Build the model and split it: ``(graphdef, state, shardings)`` with ``state`` and
+    ``shardings`` dicts over :data:`_STATE_KEYS`, the state placed on ``mesh``. The arrays are
+    fresh copies the loop owns (the train step donates them)."""
+    model = task.make_model(nnx.Rngs(params=seed, dropout=seed + 1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    repl = NamedSharding(mesh, P())
+    p_sh = _leaf_shardings(params, param_shardings(params, mesh, rules))
+    r_sh = jax.tree.map(lambda _: repl, rest)
+    params = jax.device_put(params, p_sh, may_alias=False)
+    rest = jax.device_put(rest, r_sh, may_alias=False)
+    with jax.numpy_dtype_promotion("standard"):  # optax internals; see train_step
+        opt_state = jax.jit(tx.init)(params)
+    o_sh = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else repl, opt_state)
+    opt_state = jax.device_put(opt_state, o_sh, may_alias=False)
+    state = {"params": params, "opt_state": opt_state, "rest": rest}
+    return graphdef, state, {"params": p_sh, "opt_state": o_sh, "rest": r_sh}
+
+
+def _compile_steps(graphdef, task: Task, tx, cfg: ExperimentConfig, mesh, rules, shardings,
+                   batch_sh):
+    """``jax.jit`` of the steps with explicit shardings, traced under the run's rules (so
+    layers' activation constraints use the same table). The train step donates the state it
+    is given; the eval step (``None`` without ``task.eval_fn`` and ``eval_source``) reads it."""
+    train_step, eval_step = _build_steps(graphdef, task, tx, cfg.run, cfg.optim, cfg.run.seed)
+    train_step, eval_step = (_under_rules(f, mesh, rules) for f in (train_step, eval_step))
+    repl = NamedSharding(mesh, P())
+    state_sh = tuple(shardings[k] for k in _STATE_KEYS)
+    train_jit = jax.jit(train_step, in_shardings=(*state_sh, batch_sh, repl),
+                        out_shardings=(*state_sh, repl), donate_argnums=(0, 1, 2))
+    if task.eval_fn is None or task.eval_source is None:
+        return train_jit, None
+    eval_jit = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["rest"],
+                                                batch_sh, batch_sh),
+                       out_shardings=(repl, repl))
+    return train_jit, eval_jit
+
+
+def _restore(ckpt: Checkpointer | None, state: dict, shardings: dict
+             ) -> tuple[int | None, dict]:
+    """``(step, state)`` of the newest readable checkpoint placed on ``shardings``, or
+    ``(None, state)`` when there is none."""
+    if ckpt is None:
+        return None, state
+    restored = ckpt.restore_latest(abstract_like(state, shardings))
+    if restored is None:
+        return None, state
+    step, saved = restored
+    return step, {k: saved[k] for k in _STATE_KEYS}
+
+
+def _train_step(train_jit, state: dict, batch, step: int) -> tuple[dict, dict[str, Any]]:
+    """One optimizer step; ``state``'s buffers are donated (use only the returned state)."""
+    *new, metrics = train_jit(*(state[k] for k in _STATE_KEYS), batch,
+                              jnp.asarray(step, jnp.int32))
+    return dict(zip(_STATE_KEYS, new, strict=True)), metrics
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -248,135 +362,151 @@ def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None) -> Non
     pending.clear()
 
 
-def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None = None,
-          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
-          desc: str = "") -> TrainResult:
-    """Train ``task`` under ``cfg``; resume from ``cfg.run.checkpoint_dir`` when it holds a
-    checkpoint. ``callbacks(step, metrics)`` run on the host after every step (metrics are
-    device arrays; reading them synchronises).
+@dataclasses.dataclass
+class _Progress:
+    """Host-side record of a run: logged history, losses not yet checked for NaN/inf, step
+    metrics since the last log, the latest train / eval metrics, the last saved step."""
 
-    Raises:
-      NonFiniteLossError: the loss became NaN/inf (checked before every save and log).
-    """
-    run, t0 = cfg.run, time.time()
-    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
-    rules = mesh_rules(cfg.mesh)
-    batch_sh = batch_sharding(mesh, rules)
+    last_saved: int | None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    pending: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    window: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    stopped_early: bool = False
+
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        self.pending.append((step, metrics["loss"]))
+        self.window.append(metrics)
+
+    def check_finite(self) -> None:
+        _check_finite(self.pending, self.last_saved)
+
+
+def _log_train(progress: _Progress, step: int, writer: MetricsWriter, bar: ProgressBar) -> None:
+    """Average the step metrics since the last log and write them (after the NaN check)."""
+    progress.check_finite()
+    window = progress.window
+    progress.train_metrics = {k: float(np.mean([float(m[k]) for m in window]))
+                              for k in window[-1]}
+    window.clear()
+    writer.write(step, progress.train_metrics, "train")
+    progress.history.append({"step": step, "split": "train", **progress.train_metrics})
+    bar.update(0, loss=progress.train_metrics["loss"])
+
+
+def _evaluate(eval_jit, source, run: RunConfig, batch_sh, state: dict) -> dict[str, float]:
+    """Per-example eval metrics averaged over the eval set (padding excluded)."""
+    totals: dict[str, float] = {}
+    count = 0.0
+    for batch, valid in eval_batches(source, global_batch_size=run.eval_batch_size,
+                                     max_examples=run.eval_examples):
+        mask = np.zeros(len(next(iter(batch.values()))), np.bool_)
+        mask[:valid] = True
+        sums, n = eval_jit(state["params"], state["rest"], global_batch(batch, batch_sh),
+                           global_batch(mask, batch_sh))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        count += float(n)
+    return {k: v / max(count, 1.0) for k, v in totals.items()}
+
+
+def _log_eval(progress: _Progress, step: int, metrics: dict[str, float],
+              writer: MetricsWriter) -> None:
+    progress.eval_metrics = metrics
+    writer.write(step, metrics, "eval")
+    progress.history.append({"step": step, "split": "eval", **metrics})
+
+
+def _eval_mid_run(progress: _Progress, step: int, metrics: dict[str, float],
+                  writer: MetricsWriter, run: RunConfig) -> None:
+    """Log a periodic evaluation; sets ``stopped_early`` when the early-stop metric passes."""
+    progress.check_finite()
+    _log_eval(progress, step, metrics, writer)
+    if run.early_stop_metric and \
+            progress.eval_metrics.get(run.early_stop_metric, -math.inf) > run.early_stop_above:
+        progress.stopped_early = True
+
+
+def _save(progress: _Progress, ckpt: Checkpointer, step: int, state: dict) -> None:
+    """Checkpoint ``state`` at ``step`` (after the NaN check: a bad step is never saved)."""
+    progress.check_finite()
+    ckpt.save(step, state)
+    progress.last_saved = step
+
+
+def _is_eval_step(run: RunConfig, step: int) -> bool:
+    return bool(run.eval_every) and step % run.eval_every == 0 and step < run.steps
+
+
+def _is_save_step(run: RunConfig, step: int, stopped_early: bool) -> bool:
+    return (bool(run.save_every) and step % run.save_every == 0) or step == run.steps \
+        or stopped_early
+
+
+def _check_batch_split(run: RunConfig, accumulate: int, mesh, batch_sh) -> None:
+    """The global batch must split over the batch's devices times the micro-batches."""
     batch_axes = batch_sh.spec[0] or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     n_data = math.prod(mesh.shape[a] for a in batch_axes)
-    accumulate = cfg.optim.accumulate_steps
     if run.batch_size % (n_data * accumulate):
         raise ValueError(f"batch_size {run.batch_size} must be divisible by the batch's devices "
                          f"({n_data}, mesh axes {batch_axes}) x accumulate_steps ({accumulate})")
     if run.steps < 1:
         raise ValueError(f"run.steps must be >= 1, got {run.steps}")
 
-    model = task.make_model(nnx.Rngs(params=run.seed, dropout=run.seed + 1))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    del model
-    repl = NamedSharding(mesh, P())
-    p_sh = _leaf_shardings(params, param_shardings(params, mesh, rules))
-    r_sh = jax.tree.map(lambda _: repl, rest)
-    params = jax.device_put(params, p_sh)
-    rest = jax.device_put(rest, r_sh)
+
+def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None = None,
+          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+          desc: str = "") -> TrainResult:
+    """Train ``task`` under ``cfg``; resume from ``cfg.run.checkpoint_dir`` when it holds a
+    checkpoint. ``callbacks(step, metrics)`` run on the host after every step (metrics are
+    device arrays; reading them synchronises). ``mesh`` defaults to ``cfg.mesh`` over the
+    first devices it needs (all of them when a size is ``-1``).
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf (checked before every save and log).
+    """
+    run, t0 = cfg.run, time.time()
+    mesh = _run_mesh(cfg.mesh) if mesh is None else mesh
+    rules = mesh_rules(cfg.mesh)
+    batch_sh = batch_sharding(mesh, rules)
+    _check_batch_split(run, cfg.optim.accumulate_steps, mesh, batch_sh)
     tx = make_optimizer(cfg.optim, run.steps)
-    with jax.numpy_dtype_promotion("standard"):  # optax internals; see train_step
-        opt_state = jax.jit(tx.init)(params)
-    o_sh = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else repl, opt_state)
-    opt_state = jax.device_put(opt_state, o_sh)
-
-    train_step, eval_step = _build_steps(graphdef, task, tx, run, accumulate, run.seed)
-    # Trace under the run's rules so layers' activation constraints use the same table.
-    train_step, eval_step = (_under_rules(f, mesh, rules) for f in (train_step, eval_step))
-    train_step = jax.jit(train_step, in_shardings=(p_sh, o_sh, r_sh, batch_sh, repl),
-                         out_shardings=(p_sh, o_sh, r_sh, repl))
-    eval_jit = None
-    if task.eval_fn is not None and task.eval_source is not None:
-        eval_jit = jax.jit(eval_step, in_shardings=(p_sh, r_sh, batch_sh, batch_sh),
-                           out_shardings=(repl, repl))
-
+    graphdef, state, shardings = _init_state(task, run.seed, tx, mesh, rules)
+    train_jit, eval_jit = _compile_steps(graphdef, task, tx, cfg, mesh, rules, shardings,
+                                         batch_sh)
     ckpt = Checkpointer(run.checkpoint_dir, keep=run.keep, async_save=run.async_save) \
         if run.checkpoint_dir else None
-    start, resumed_from = 0, None
-    if ckpt is not None:
-        target = {"params": params, "opt_state": opt_state, "rest": rest}
-        shardings = {"params": p_sh, "opt_state": o_sh, "rest": r_sh}
-        restored = ckpt.restore_latest(abstract_like(target, shardings))
-        if restored is not None:
-            start, state = restored
-            params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
-            resumed_from = start
+    resumed_from, state = _restore(ckpt, state, shardings)
+    step = resumed_from or 0
 
     dataset = train_dataset(task.train_source, global_batch_size=run.batch_size, seed=run.seed)
     writer = MetricsWriter(run.log_dir or None)
-    bar = ProgressBar(run.steps, initial=start, enabled=run.progress, desc=desc)
-
-    def evaluate() -> dict[str, float]:
-        totals: dict[str, float] = {}
-        count = 0.0
-        for batch, valid in eval_batches(task.eval_source, global_batch_size=run.eval_batch_size,
-                                         max_examples=run.eval_examples):
-            mask = np.zeros(len(next(iter(batch.values()))), np.bool_)
-            mask[:valid] = True
-            sums, n = eval_jit(params, rest, global_batch(batch, batch_sh),
-                               global_batch(mask, batch_sh))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += float(n)
-        return {k: v / max(count, 1.0) for k, v in totals.items()}
-
-    history: list[dict[str, Any]] = []
-    pending: list[tuple[int, Any]] = []
-    window: list[dict[str, Any]] = []
-    train_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    last_saved = resumed_from
-    stopped_early = False
-    step = start
+    bar = ProgressBar(run.steps, initial=step, enabled=run.progress, desc=desc)
+    evaluate = functools.partial(_evaluate, eval_jit, task.eval_source, run, batch_sh)
+    progress = _Progress(last_saved=resumed_from)
     try:
         while step < run.steps:
-            batch = global_batch(dataset[step], batch_sh)
-            params, opt_state, rest, metrics = train_step(
-                params, opt_state, rest, batch, jnp.asarray(step, jnp.int32))
+            state, metrics = _train_step(train_jit, state, global_batch(dataset[step], batch_sh),
+                                         step)
             step += 1
-            pending.append((step, metrics["loss"]))
-            window.append(metrics)
+            progress.record(step, metrics)
             for cb in callbacks:
                 cb(step, metrics)
-            is_log = step % max(run.log_every, 1) == 0 or step == run.steps
-            if is_log:
-                _check_finite(pending, last_saved)
-                train_metrics = {k: float(np.mean([float(m[k]) for m in window]))
-                                 for k in window[-1]}
-                window.clear()
-                writer.write(step, train_metrics, "train")
-                history.append({"step": step, "split": "train", **train_metrics})
-                bar.update(0, loss=train_metrics["loss"])
+            if step % max(run.log_every, 1) == 0 or step == run.steps:
+                _log_train(progress, step, writer, bar)
             bar.update(1)
-            if eval_jit is not None and run.eval_every and step % run.eval_every == 0 \
-                    and step < run.steps:
-                _check_finite(pending, last_saved)
-                eval_metrics = evaluate()
-                writer.write(step, eval_metrics, "eval")
-                history.append({"step": step, "split": "eval", **eval_metrics})
-                if run.early_stop_metric and \
-                        eval_metrics.get(run.early_stop_metric, -math.inf) > run.early_stop_above:
-                    stopped_early = True
-            if ckpt is not None and ((run.save_every and step % run.save_every == 0)
-                                     or step == run.steps or stopped_early):
-                _check_finite(pending, last_saved)
-                ckpt.save(step, {"params": params, "opt_state": opt_state, "rest": rest})
-                last_saved = step
-            if stopped_early:
+            if eval_jit is not None and _is_eval_step(run, step):
+                _eval_mid_run(progress, step, evaluate(state), writer, run)
+            if ckpt is not None and _is_save_step(run, step, progress.stopped_early):
+                _save(progress, ckpt, step, state)
+            if progress.stopped_early:
                 break
-        _check_finite(pending, last_saved)
-        if eval_jit is not None and (not history or history[-1].get("split") != "eval"
-                                     or history[-1]["step"] != step):
-            eval_metrics = evaluate()
-            writer.write(step, eval_metrics, "eval")
-            history.append({"step": step, "split": "eval", **eval_metrics})
+        progress.check_finite()
+        last = progress.history[-1] if progress.history else {}
+        if eval_jit is not None and (last.get("split") != "eval" or last["step"] != step):
+            _log_eval(progress, step, evaluate(state), writer)
     finally:
         bar.close()
         writer.close()
@@ -384,12 +514,12 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
             ckpt.close()
 
     return TrainResult(
-        model=nnx.merge(graphdef, params, rest),
+        model=nnx.merge(graphdef, state["params"], state["rest"]),
         step=step,
-        train_metrics=train_metrics,
-        eval_metrics=eval_metrics,
-        history=history,
+        train_metrics=progress.train_metrics,
+        eval_metrics=progress.eval_metrics,
+        history=progress.history,
         resumed_from=resumed_from,
-        stopped_early=stopped_early,
+        stopped_early=progress.stopped_early,
         seconds=time.time() - t0,
     )
