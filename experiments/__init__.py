@@ -15,6 +15,7 @@ from types import ModuleType
 REGISTRY: dict[str, str] = {
     "zoology": "experiments.zoology.experiment",
     "nat_digits": "experiments.nat_digits.experiment",
+    "moh": "experiments.moh.experiment",
 }
 
 

@@ -117,6 +117,15 @@ def test_query_norm_router_is_binary_forward_with_straight_through_gradients():
     assert moh.routed_router is None  # parameter-free
 
 
+def test_random_router_keeps_k_random_heads_per_token():
+    moh = MoHAttention(D, 8, shared_heads=2, top_k=3, router="random", rngs=nnx.Rngs(7))
+    g = np.asarray(moh.gates(_x(5, length=40), rngs=nnx.Rngs(dropout=1)))
+    np.testing.assert_array_equal(g[..., :2], 1.0)
+    np.testing.assert_array_equal(g[..., 2:].sum(-1), 3.0)
+    usage = g[..., 2:].reshape(-1, 6).mean(0)  # 80 tokens: every routed head gets used
+    assert np.all(usage > 0.2) and np.all(usage < 0.8)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="top_k"):
         MoHAttention(D, N, shared_heads=2, top_k=3, rngs=nnx.Rngs(0))

@@ -17,7 +17,9 @@ perfect balance), sown as the aux loss ``"balance"`` times ``balance_weight`` (0
 The MoH-LLaMA3 parameter-free router (``router="query_norm"``) scores routed head ``i`` by
 ``||q_t^(i)||`` divided by the std of the scores across heads, takes the top-``K`` of their
 softmax, and gates with ``{0, 1}`` forward and a straight-through gradient to the softmax;
-shared heads weigh 1 and there is no balance loss.
+shared heads weigh 1 and there is no balance loss. ``router="random"`` is the experiments'
+control: each token keeps ``K`` routed heads drawn uniformly at random (the call's ``rngs``
+``dropout`` stream, else a fixed key), weight 1, shared heads 1, no parameters or loss.
 
 All heads are computed densely and unselected heads are multiplied by an exact 0 (no FLOP saving
 in training, as in the code).
@@ -128,7 +130,8 @@ class MoHAttention(nnx.Module):
       dim: features ``D``; ``num_heads`` heads of ``D / num_heads``.
       shared_heads: ``h_s`` always-on heads (the first ones).
       top_k: routed heads kept per token (``0`` iff ``h_s = num_heads``).
-      router: ``"learned"`` (``W_s, W_r, W_h``, bias-free) or ``"query_norm"`` (MoH-LLaMA3).
+      router: ``"learned"`` (``W_s, W_r, W_h``, bias-free), ``"query_norm"`` (MoH-LLaMA3) or
+        ``"random"`` (a control: ``K`` random routed heads per token).
       balance_weight: weight of the sown balance loss (``beta = 0.01``).
       causal: causal attention.
       attention options: forwarded to :class:`MultiHeadAttention` (``num_kv_heads``,
@@ -149,8 +152,8 @@ class MoHAttention(nnx.Module):
         if not ((routed == 0 and top_k == 0) or 1 <= top_k <= routed):
             raise ValueError(f"top_k={top_k} must be in [1, {routed}] routed heads (0 when every "
                              "head is shared)")
-        if router not in ("learned", "query_norm"):
-            raise ValueError(f"router must be 'learned' or 'query_norm', got {router!r}")
+        if router not in ("learned", "query_norm", "random"):
+            raise ValueError(f"router must be 'learned', 'query_norm' or 'random', got {router!r}")
         self.attn = MultiHeadAttention(num_heads, dim, is_causal=causal, rngs=rngs,
                                        **attention_options)
         self.shared_heads, self.routed_heads, self.top_k = shared_heads, routed, top_k
@@ -166,11 +169,14 @@ class MoHAttention(nnx.Module):
             return jnp.zeros(x.shape[:-1] + (width,), jnp.float32)
         return apply_linear(layer, x).astype(jnp.float32)
 
-    def gates(self, x: jax.Array, *, deterministic: bool | None = True) -> jax.Array:
+    def gates(self, x: jax.Array, *, deterministic: bool | None = True,
+              rngs: nnx.Rngs | None = None) -> jax.Array:
         """``x [B, L, D]`` -> float32 gates ``[B, L, num_heads]`` (sows the balance loss in
         training mode)."""
         if self.router == "query_norm":
             return self._query_norm_gates(x)
+        if self.router == "random":
+            return self._random_gates(x, rngs)
         routed_logits = self._logits(self.routed_router, x, self.routed_heads)
         g = moh_gates(self._logits(self.shared_router, x, self.shared_heads), routed_logits,
                       self._logits(self.stage_router, x, 2), top_k=self.top_k)
@@ -188,8 +194,15 @@ class MoHAttention(nnx.Module):
         routed = query_norm_gates(q[:, :, self.shared_heads:], self.top_k)
         return jnp.concatenate([shared, routed], axis=-1)
 
+    def _random_gates(self, x, rngs):
+        shared = jnp.ones(x.shape[:2] + (self.shared_heads,), jnp.float32)
+        key = rngs.dropout() if rngs is not None else jax.random.key(0)
+        noise = jax.random.uniform(key, x.shape[:2] + (self.routed_heads,))
+        routed = top_k_mask(noise, self.top_k) if self.routed_heads else noise
+        return jnp.concatenate([shared, routed], axis=-1)
+
     def __call__(self, x, *, context=None, mask=None, deterministic=None, rngs=None):
-        g = self.gates(x, deterministic=deterministic)
+        g = self.gates(x, deterministic=deterministic, rngs=rngs)
         return self.attn(x, context=context, mask=mask, deterministic=deterministic, rngs=rngs,
                          head_weights=g.astype(x.dtype))
 
