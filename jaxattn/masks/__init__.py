@@ -69,15 +69,3 @@ __all__ = [
     "is_array",
     "is_tracer",
 ]
-
-# The private names of the former single module jaxattn/masks.py, kept so that code reaching
-# them keeps working (jaxattn.parallel.layout uses the first three).
-from jaxattn.masks.base import _array_key, _to_numpy_or_none, _xp_of  # noqa: E402, F401
-from jaxattn.masks.blocks import cached_block_info as _block_info_cached  # noqa: E402, F401
-from jaxattn.masks.library import _bcast4, _gather_ids, _ones  # noqa: E402, F401
-
-_register = register_mask
-_is_array = is_array
-_is_tracer = is_tracer
-_composite_arrays = CompositeMask._arrays
-_composite_static = CompositeMask.static

@@ -80,6 +80,11 @@ class Mask:
         """Number of heads the mask distinguishes, or ``None`` if head-independent."""
         return None
 
+    def check_lengths(self, q_len: int, kv_len: int) -> None:
+        """Raise ``ValueError`` (naming the lengths) if this mask cannot apply to a
+        ``q_len x kv_len`` call (e.g. segment ids or an array of another length)."""
+        self._check_lengths(q_len, kv_len)
+
     def _check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ``ValueError`` if the mask cannot describe a ``[q_len, kv_len]`` problem."""
 

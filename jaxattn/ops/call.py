@@ -201,7 +201,7 @@ def _bind_mask(mask, bnts: dict[str, int]) -> masks_lib.Mask:
         mask4 = pad_to_rank("mask", mask, 4)
         check_broadcast(f"mask {describe(mask)}", mask4.shape, bnts)
         mask = masks_lib.ArrayMask(mask4)
-    mask._check_lengths(bnts["T"], bnts["S"])
+    mask.check_lengths(bnts["T"], bnts["S"])
     if mask.num_heads not in (None, bnts["N"]):
         raise ValueError(f"mask has {mask.num_heads} heads but query has N={bnts['N']}")
     if mask.batch_size not in (None, bnts["B"]):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import ClassVar
 
 import jax
@@ -35,6 +34,13 @@ from jax.sharding import PartitionSpec as P
 from jaxattn import masks as masks_lib
 from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
+from jaxattn.parallel.mesh_axes import (
+    axes_size,
+    pick_batch_axes,
+    pick_head_axis,
+    shard_map,
+    spec_axes,
+)
 from jaxattn.parallel.ring import (
     STATIC_BASE,
     RingStatic,
@@ -46,62 +52,6 @@ from jaxattn.parallel.ring import (
 from jaxattn.typing import Bias, Key, KVSegmentIds, Query, QuerySegmentIds, Sinks, Value
 
 __all__ = ["context_parallel_attention", "STRATEGIES"]
-
-
-def _shard_map(f, mesh, in_specs, out_specs):
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is not None:
-        return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.7
-
-    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-
-
-def _size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _pick_batch_axes(mesh, batch_axes, batch: int, context_axis: str) -> tuple[str, ...]:
-    if batch_axes == "auto":
-        chosen: list[str] = []
-        for a in ("data", "fsdp"):
-            if a in mesh.shape and a != context_axis and mesh.shape[a] > 1:
-                if batch % (_size(mesh, chosen) * mesh.shape[a]) == 0:
-                    chosen.append(a)
-        return tuple(chosen)
-    axes = () if batch_axes is None else (
-        (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-    for a in axes:
-        if a not in mesh.shape:
-            raise ValueError(f"batch axis {a!r} is not in the mesh {dict(mesh.shape)}")
-    if batch % _size(mesh, axes):
-        raise ValueError(f"batch {batch} is not divisible by mesh axes {axes} "
-                         f"(size {_size(mesh, axes)})")
-    return axes
-
-
-def _pick_head_axis(mesh, head_axis, num_heads: int, context_axis: str) -> str | None:
-    if head_axis == "auto":
-        a = "tensor"
-        ok = a in mesh.shape and a != context_axis and mesh.shape[a] > 1
-        return a if ok and num_heads % mesh.shape[a] == 0 else None
-    if head_axis is None:
-        return None
-    if head_axis not in mesh.shape:
-        raise ValueError(f"head axis {head_axis!r} is not in the mesh {dict(mesh.shape)}")
-    if num_heads % mesh.shape[head_axis]:
-        raise ValueError(f"N={num_heads} heads are not divisible by mesh axis {head_axis!r} "
-                         f"(size {mesh.shape[head_axis]})")
-    return head_axis
-
-
-def _spec_axes(axes):
-    if not axes:
-        return None
-    return axes[0] if len(axes) == 1 else tuple(axes)
 
 
 # ---- where a call lives on the mesh -----------------------------------------------------------
@@ -126,7 +76,7 @@ class _Layout:
 
     @property
     def batch_spec(self):
-        return _spec_axes(self.batch_axes)
+        return spec_axes(self.batch_axes)
 
 
 def _static_kinds(kinds) -> tuple[tuple[int, ...], ...]:
@@ -220,7 +170,7 @@ class _Ulysses:
 
     def bias_spec(self, bias, lay: _Layout) -> P:
         # heads split over (head axis, context), the whole sequence on every device
-        heads = _spec_axes(tuple(a for a in (lay.head_axis, lay.axis) if a))
+        heads = spec_axes(tuple(a for a in (lay.head_axis, lay.axis) if a))
         return P(lay.batch_spec if bias.shape[0] > 1 else None,
                  heads if bias.shape[1] > 1 else None, None, None)
 
@@ -347,10 +297,10 @@ def _plan_layout(strat, mesh: Mesh, axis: str, call, load_balance, batch_axes, h
     # reorder shard-locally with ppermute / all_to_all when the layout allows (O(T/P) memory),
     # else by a global gather before sharding
     local_lb = load_balance if layout.can_relayout_locally(t, p, load_balance) else None
-    batch_ax = _pick_batch_axes(mesh, batch_axes, b, axis)
-    head_ax = _pick_head_axis(mesh, head_axis, n, axis)
+    batch_ax = pick_batch_axes(mesh, batch_axes, b, axis)
+    head_ax = pick_head_axis(mesh, head_axis, n, axis)
     lay = _Layout(axis=axis, axis_size=p, batch_axes=batch_ax, head_axis=head_ax,
-                  head_shards=_size(mesh, head_ax), load_balance=load_balance,
+                  head_shards=axes_size(mesh, head_ax), load_balance=load_balance,
                   local_balance=local_lb, q_perm=layout.sequence_permutation(t, p, load_balance),
                   kv_perm=layout.sequence_permutation(s, p, load_balance))
     strat.refuse(lay, n)
@@ -410,7 +360,7 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
     q, k, v, q_seg, kv_seg, bias = _balance_globally(
         lay, q, k, v, call.q_segment_ids, call.kv_segment_ids, call.bias)
     n_loc = n // lay.head_shards
-    st = _ring_static(call, lay, static_mask, mask_def, b // _size(mesh, lay.batch_axes), n_loc,
+    st = _ring_static(call, lay, static_mask, mask_def, b // axes_size(mesh, lay.batch_axes), n_loc,
                       implementation)
     has_seg = q_seg is not None
     if not has_seg:  # placeholders that keep one shard_map signature; never read
@@ -420,7 +370,7 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
     bias_spec = [] if bias is None else [strat.bias_spec(bias, lay)]
     qkv_spec = P(lay.batch_spec, lay.axis, lay.head_axis, None)
     seg_spec, pos_spec = P(lay.batch_spec, lay.axis), P(lay.axis)
-    fn = _shard_map(_local_body(lay, local, has_seg), mesh,
+    fn = shard_map(_local_body(lay, local, has_seg), mesh,
                     in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
                               seg_spec, [P()] * len(leaves), *bias_spec),
                     out_specs=(qkv_spec, P(lay.batch_spec, lay.axis, lay.head_axis)))

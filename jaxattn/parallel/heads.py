@@ -21,7 +21,12 @@ from jax.sharding import PartitionSpec as P
 from jaxattn.ops.attention import dot_product_attention
 from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
-from jaxattn.parallel.context import _pick_batch_axes, _shard_map, _size, _spec_axes
+from jaxattn.parallel.mesh_axes import (
+    axes_size,
+    pick_batch_axes,
+    shard_map,
+    spec_axes,
+)
 
 __all__ = ["head_parallel_attention"]
 
@@ -71,9 +76,9 @@ def head_parallel_attention(
         raise ValueError(f"N={n} query heads are not divisible by the size {p} of mesh axis "
                          f"{axis!r}")
     k, v = layout.expand_kv_heads(k, v, n, p)
-    batch_ax = _pick_batch_axes(mesh, batch_axes, b, axis)
-    bspec = _spec_axes(batch_ax)
-    n_loc, b_loc = n // p, b // _size(mesh, batch_ax)
+    batch_ax = pick_batch_axes(mesh, batch_axes, b, axis)
+    bspec = spec_axes(batch_ax)
+    n_loc, b_loc = n // p, b // axes_size(mesh, batch_ax)
 
     gmask = call.mask
     static = None if gmask is None else gmask.static()
@@ -115,7 +120,7 @@ def head_parallel_attention(
         )
 
     spec = P(bspec, None, axis, None)
-    fn = _shard_map(body, mesh, in_specs=(spec, spec, spec, P(bspec), P(bspec), *extra_spec),
+    fn = shard_map(body, mesh, in_specs=(spec, spec, spec, P(bspec), P(bspec), *extra_spec),
                     out_specs=(spec, P(bspec, None, axis)))
     out, lse = fn(q, k, v, seg_q, seg_kv, *extra)
     if squeezed:

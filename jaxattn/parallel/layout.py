@@ -72,7 +72,7 @@ def _take(ids, idx, xp):
     return xp.take(ids, xp.clip(idx, 0, ids.shape[0] - 1), axis=0)
 
 
-@masks_lib._register  # same pytree/dataclass registration as every other Mask
+@masks_lib.register_mask  # same pytree/dataclass registration as every other Mask
 class AtPositions(masks_lib.Mask):
     """``inner`` evaluated at global positions: local query ``i`` sits at ``q_positions[i]``,
     local key ``j`` at ``kv_positions[j]``.
@@ -109,13 +109,13 @@ class AtPositions(masks_lib.Mask):
             )
 
     def _arrays(self):
-        own = [getattr(self, n) for n in self._array_fields if masks_lib._is_array(
+        own = [getattr(self, n) for n in self._array_fields if masks_lib.is_array(
             getattr(self, n))]
         return own + self.inner._arrays()
 
     def static(self):
         inner = self.inner.static()
-        if inner is None or not all(not masks_lib._is_tracer(a) for a in self._arrays()):
+        if inner is None or not all(not masks_lib.is_tracer(a) for a in self._arrays()):
             return None
         return self
 
