@@ -25,7 +25,7 @@ from flax import nnx
 from jaxattn.models import MixerConfig, ViTClassifier, ViTConfig
 from jaxattn.train import ExperimentConfig, OptimConfig, RunConfig, Task, train
 from jaxattn.train.metrics import format_table
-from jaxattn.train.sources.digits import DigitsSource
+from jaxattn.train.sources.digits import DigitsDataConfig, DigitsSource
 
 NAME = "moh"
 DESCRIPTION = "MoH vs MHA in a tiny ViT on sklearn digits (Jin et al., 2024)"
@@ -41,12 +41,6 @@ VARIANTS: dict[str, tuple[MixerConfig, int]] = {
     "random75": (MixerConfig("moh", (("shared_heads", 2), ("top_k", 4), ("router", "random"))),
                  6),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DigitsDataConfig:
-    test_fraction: float = 0.2
-    split_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +85,7 @@ def smoke_config() -> ExperimentConfig:
 
 def build_task(cfg: ExperimentConfig) -> Task:
     """ViT classifier, digits train/test split, cross-entropy (+ sown balance losses)."""
-    d = cfg.data
-    train_src = DigitsSource("train", test_fraction=d.test_fraction, split_seed=d.split_seed)
-    test_src = DigitsSource("test", test_fraction=d.test_fraction, split_seed=d.split_seed)
+    train_src, test_src = cfg.data.sources()
 
     def loss_fn(model, batch, rngs):
         logits = model(batch["image"], deterministic=False, rngs=rngs)
@@ -134,8 +126,7 @@ def main(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     out = pathlib.Path(sw.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, usage, balance, t0 = [], {}, {}, time.time()
-    test_src = DigitsSource("test", test_fraction=cfg.data.test_fraction,
-                            split_seed=cfg.data.split_seed)
+    _, test_src = cfg.data.sources()
     for name in sw.variants:
         for seed in sw.seeds:
             pcfg = dataclasses.replace(cfg, model=vit(name, len(cfg.model.mixers)),

@@ -23,7 +23,7 @@ import optax
 from jaxattn.models import HierarchicalClassifier, HierarchicalConfig, nat_config
 from jaxattn.train import ExperimentConfig, OptimConfig, RunConfig, Task, train
 from jaxattn.train.metrics import format_table
-from jaxattn.train.sources.digits import DigitsSource
+from jaxattn.train.sources.digits import DigitsDataConfig
 
 NAME = "nat_digits"
 DESCRIPTION = "NAT on sklearn digits: 3x3 neighborhood vs global attention (Hassani et al., 2023)"
@@ -31,12 +31,6 @@ HERE = pathlib.Path(__file__).parent
 
 # variant name -> kernel size per stage (stage resolutions 8x8 and 4x4)
 VARIANTS = {"neighborhood_3x3": (3, 3), "global": (8, 4)}
-
-
-@dataclasses.dataclass(frozen=True)
-class DigitsDataConfig:
-    test_fraction: float = 0.2
-    split_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +80,7 @@ def with_kernels(model: HierarchicalConfig, kernels: tuple[int, ...]) -> Hierarc
 
 def build_task(cfg: ExperimentConfig) -> Task:
     """NAT classifier, digits train/test split, cross-entropy loss and accuracy."""
-    d = cfg.data
-    train_src = DigitsSource("train", test_fraction=d.test_fraction, split_seed=d.split_seed)
-    test_src = DigitsSource("test", test_fraction=d.test_fraction, split_seed=d.split_seed)
+    train_src, test_src = cfg.data.sources()
 
     def loss_fn(model, batch, rngs):
         del rngs

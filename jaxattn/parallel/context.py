@@ -88,9 +88,9 @@ def _static_kinds(kinds) -> tuple[tuple[int, ...], ...]:
 # (raise for what it cannot do), ``kv_head_shards(lay)`` (how many ways K/V heads are split),
 # ``bias_spec(bias, lay)`` and ``local_step(st, lay, global_mask, n_loc)``: the per-device
 # function ``(q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias) -> (out, lse)``.
-@dataclasses.dataclass(frozen=True)
-class _AllGather:
-    """Queries stay sequence-sharded; K/V, their positions and segment ids are all-gathered."""
+class _RowSharded:
+    """What all_gather and ring share: every layout works, kv heads follow the query heads'
+    sharding, and a bias is split by query rows."""
 
     balances_load: ClassVar[bool] = True
 
@@ -102,6 +102,11 @@ class _AllGather:
 
     def bias_spec(self, bias, lay: _Layout) -> P:
         return _rows_spec(bias, lay.batch_spec, lay.head_axis, lay.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AllGather(_RowSharded):
+    """Queries stay sequence-sharded; K/V, their positions and segment ids are all-gathered."""
 
     def local_step(self, st: RingStatic, lay: _Layout, global_mask, n_loc: int):
         del global_mask, n_loc
@@ -117,20 +122,9 @@ class _AllGather:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ring:
+class _Ring(_RowSharded):
     """K/V blocks rotate around the axis (:mod:`jaxattn.parallel.ring`); empty trailing hops
     are dropped and static masks give every partial hop a static local mask."""
-
-    balances_load: ClassVar[bool] = True
-
-    def refuse(self, lay: _Layout, num_heads: int) -> None:
-        del lay, num_heads  # every layout works
-
-    def kv_head_shards(self, lay: _Layout) -> int:
-        return lay.head_shards
-
-    def bias_spec(self, bias, lay: _Layout) -> P:
-        return _rows_spec(bias, lay.batch_spec, lay.head_axis, lay.axis)
 
     def local_step(self, st: RingStatic, lay: _Layout, global_mask, n_loc: int):
         del n_loc

@@ -3,9 +3,11 @@ package, no download) as a random-access source with a fixed, disjoint train/tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-__all__ = ["DigitsSource"]
+__all__ = ["DigitsDataConfig", "DigitsSource"]
 
 
 class DigitsSource:
@@ -39,3 +41,16 @@ class DigitsSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
         return {"image": self.images[index], "label": self.labels[index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsDataConfig:
+    """The digits split an experiment trains and tests on."""
+
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def sources(self) -> tuple[DigitsSource, DigitsSource]:
+        """``(train, test)`` sources of this split."""
+        kw = dict(test_fraction=self.test_fraction, split_seed=self.split_seed)
+        return DigitsSource("train", **kw), DigitsSource("test", **kw)
