@@ -1,200 +1,28 @@
-"""dot_product_attention: every implementation against the reference and jax.nn."""
+"""dot_product_attention: what is not per-backend conformance.
+
+The cases every backend must pass (masks, bias, soft-cap, sinks, segments, dropout, bf16, LSE,
+jit, agreement with jax.nn, random mask compositions) live in ``tests/conformance/attention.py``
+and run per backend from ``tests/test_backend_*.py``. Here: the chunked path's tile planning and
+tile sizes, dispatch, argument validation, and the core helpers (``merge_partials``, the dropout
+hash) on their own.
+"""
 
 import functools
+import itertools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_testing import (
-    F32_ATOL,
-    F32_GRAD_ATOL,
-    bf16_budget,
-    grads,
-    max_err,
-    rand_inputs,
-)
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from attention_testing import F32_ATOL, F32_GRAD_ATOL, grads, jit_for_tests, max_err, rand_inputs
 from jax.extend import core as jex_core
 
 import jaxattn
 from jaxattn import masks as M
 from jaxattn.core import chunked, dense, merge_partials
 
-IMPLS = ["reference", "xla_chunked"]
 T, S = 37, 53
-
-
-def chunked_small(q, k, v, bias=None, mask=None, **kw):
-    """The chunked path with tiny tiles so that every test exercises many tiles and padding."""
-    return chunked.chunked_attention(q, k, v, bias, mask, block_q=16, block_kv=16, **kw)
-
-
-# ---- agreement with jax.nn.dot_product_attention ------------------------------------------
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("case", ["plain", "causal", "bias", "mask", "window"])
-def test_matches_jax_nn(impl, heads, case):
-    n, k = heads
-    q, key, v = rand_inputs(1, t=T, s=S, n=n, k=k)
-    r = np.random.default_rng(2)
-    kw_ours, kw_jax = {}, {}
-    if case == "causal":
-        kw_ours = kw_jax = dict(is_causal=True)
-    elif case == "bias":
-        b = jnp.asarray(r.normal(size=(2, 1, T, S)), jnp.float32)
-        kw_ours = kw_jax = dict(bias=b)
-    elif case == "mask":
-        m = jnp.asarray(r.random((1, n, T, S)) > 0.3)
-        kw_ours = kw_jax = dict(mask=m)
-    elif case == "window":
-        kw_ours = dict(mask=M.LocalMask((5, 2)))
-        kw_jax = dict(local_window_size=(5, 2))
-    ours = jaxattn.dot_product_attention(q, key, v, implementation=impl, **kw_ours)
-    ref = jax.nn.dot_product_attention(q, key, v, **kw_jax)
-    chex.assert_shape(ours, (2, T, n, 16))
-    chex.assert_trees_all_close(ours, ref, atol=F32_ATOL, rtol=0)
-
-
-# ---- the chunked path against the reference: every mask kind, features, gradients ----------
-
-SEG = np.sort(np.random.default_rng(3).integers(0, 4, (2, T)), axis=1)
-MASK_CASES = {
-    "none": None,
-    "causal": M.CausalMask(),
-    "causal_offset": M.CausalMask(offset=S - T),
-    "local": M.LocalMask((7, 3)),
-    "chunked": M.ChunkedCausalMask(8),
-    "prefix": M.PrefixLMMask(10),
-    "per_head": M.MultiHeadMask((M.CausalMask(), M.LocalMask((4, 0)), M.FullMask(),
-                                 M.ChunkedCausalMask(5))),
-    "array": M.ArrayMask(np.random.default_rng(4).random((T, S)) > 0.5),
-    "composed": (M.LocalMask((3, 3)) | M.PrefixLMMask(6)) & ~M.ChunkedCausalMask(16),
-    "lengths": M.LengthMask(kv_lengths=np.array([20, 53])),
-}
-
-
-@pytest.mark.parametrize("name", list(MASK_CASES))
-def test_chunked_mask_kinds(name):
-    q, k, v = rand_inputs(5, t=T, s=S)
-    mask = MASK_CASES[name]
-    ref = dense.attention_reference(q, k, v, mask=mask)
-    out = chunked_small(q, k, v, mask=mask)
-    assert max_err(out, ref) < F32_ATOL
-    g_ref = grads(lambda q, k, v: dense.attention_reference(q, k, v, mask=mask), (q, k, v),
-                  (0, 1, 2))
-    g_out = grads(lambda q, k, v: chunked_small(q, k, v, mask=mask), (q, k, v), (0, 1, 2))
-    for a, b in zip(g_out, g_ref, strict=True):
-        assert max_err(a, b) < F32_GRAD_ATOL
-
-
-def test_chunked_segment_ids_traced():
-    """Segment ids arrive as traced arrays: tiles are skipped at run time, results exact."""
-    q, k, v = rand_inputs(6, t=T, s=T)
-    seg = jnp.asarray(SEG)
-
-    @jax.jit
-    def f(q, k, v, seg):
-        return jaxattn.dot_product_attention(q, k, v, is_causal=True, query_segment_ids=seg,
-                                             implementation="xla_chunked")
-
-    ref = dense.attention_reference(q, k, v, mask=M.SegmentMask(SEG) & M.CausalMask())
-    assert max_err(f(q, k, v, seg), ref) < F32_ATOL
-    g = grads(lambda q, k, v: f(q, k, v, seg), (q, k, v), (0, 1, 2))
-    g_ref = grads(lambda q, k, v: dense.attention_reference(
-        q, k, v, mask=M.SegmentMask(SEG) & M.CausalMask()), (q, k, v), (0, 1, 2))
-    for a, b in zip(g, g_ref, strict=True):
-        assert max_err(a, b) < F32_GRAD_ATOL
-
-
-@pytest.mark.parametrize("bias_shape", [(2, 4, T, S), (1, 4, 1, S), (2, 1, T, 1)])
-def test_chunked_bias_and_dbias(bias_shape):
-    q, k, v = rand_inputs(7, t=T, s=S)
-    bias = jnp.asarray(np.random.default_rng(8).normal(size=bias_shape), jnp.float32)
-    mask = M.CausalMask(offset=10)
-    f_ref = lambda q, k, v, b: dense.attention_reference(q, k, v, b, mask)
-    f_chk = lambda q, k, v, b: chunked_small(q, k, v, b, mask)
-    assert max_err(f_chk(q, k, v, bias), f_ref(q, k, v, bias)) < F32_ATOL
-    for a, b in zip(grads(f_chk, (q, k, v, bias), (0, 1, 2, 3)),
-                    grads(f_ref, (q, k, v, bias), (0, 1, 2, 3)), strict=True):
-        assert a.shape == b.shape
-        assert max_err(a, b) < F32_GRAD_ATOL
-
-
-def test_chunked_soft_cap_sinks_lse_and_head_dims():
-    q, k, v = rand_inputs(9, t=T, s=S, n=6, k=2, h=8, hv=12)
-    q = q * 3.0  # large logits so the cap matters
-    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0, 1.0, -3.0], jnp.float32)
-    kw = dict(mask=M.LocalMask((6, 0)), logits_soft_cap=5.0, sinks=sinks, scale=0.3)
-
-    def both(fn):
-        def loss_fn(q, k, v, s):
-            out, lse = fn(q, k, v, **{**kw, "sinks": s}, return_lse=True)
-            return out, lse
-        return loss_fn
-
-    out_r, lse_r = both(dense.attention_reference)(q, k, v, sinks)
-    out_c, lse_c = both(chunked_small)(q, k, v, sinks)
-    assert out_c.shape == (2, T, 6, 12)
-    assert max_err(out_c, out_r) < F32_ATOL and max_err(lse_c, lse_r) < F32_ATOL
-
-    def scalar(fn):
-        def f(q, k, v, s):
-            out, lse = fn(q, k, v, s)
-            return jnp.sum(out * out) + jnp.sum(jnp.sin(lse))  # exercises the lse cotangent
-        return f
-
-    g_r = jax.grad(scalar(both(dense.attention_reference)), argnums=(0, 1, 2, 3))(q, k, v, sinks)
-    g_c = jax.grad(scalar(both(chunked_small)), argnums=(0, 1, 2, 3))(q, k, v, sinks)
-    for a, b in zip(g_c, g_r, strict=True):
-        assert max_err(a, b) < 5 * F32_GRAD_ATOL  # sums of 6 heads x 74 rows of O(1) terms
-
-
-def test_lse_is_logsumexp_of_logits():
-    q, k, v = rand_inputs(10, t=T, s=S)
-    _, lse = jaxattn.dot_product_attention(q, k, v, is_causal=True, return_lse=True)
-    logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) * 16**-0.5
-    logits = jnp.where(jnp.tril(jnp.ones((T, S), bool)), logits, -jnp.inf)
-    expect = jnp.transpose(jax.nn.logsumexp(logits, axis=-1), (0, 2, 1))
-    assert max_err(lse, expect) < F32_ATOL
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bf16_within_budget(impl):
-    q, k, v = rand_inputs(11, t=T, s=S, dtype=jnp.bfloat16)
-    mask = M.CausalMask(offset=S - T) & M.LocalMask((20, 0))
-    out = jaxattn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    assert out.dtype == jnp.bfloat16
-    truth = dense.attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), mask=mask)
-    assert max_err(out, truth) <= bf16_budget(q, k, v, mask=mask)
-    g = grads(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, mask=mask,
-                                                            implementation=impl), (q, k, v), 0)
-    g32 = grads(lambda q, k, v: dense.attention_reference(q, k, v, mask=mask),
-                tuple(x.astype(jnp.float32) for x in (q, k, v)), 0)
-    assert g.dtype == jnp.bfloat16
-    # bf16 gradients: relative error a few bf16 ulps (2^-8) of the gradient's scale.
-    assert max_err(g, g32) <= 8 * 2.0**-8 * float(jnp.max(jnp.abs(g32)))
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_fully_masked_rows_give_zeros_and_finite_grads(impl):
-    q, k, v = rand_inputs(12, t=8, s=8)
-    allowed = np.tril(np.ones((8, 8), bool))
-    allowed[3] = False  # row 3 sees nothing
-    bias = jnp.zeros((1, 1, 8, 8), jnp.float32)
-    f = lambda q, k, v, b: jaxattn.dot_product_attention(
-        q, k, v, b, mask=allowed, implementation=impl, return_lse=True)
-    out, lse = f(q, k, v, bias)
-    assert jnp.all(out[:, 3] == 0) and jnp.all(jnp.isneginf(lse[:, 3]))
-    assert jnp.all(jnp.isfinite(out))
-    g = jax.grad(lambda *a: jnp.sum(f(*a)[0] ** 2), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    for x in g:
-        assert jnp.all(jnp.isfinite(x))
-    assert jnp.all(g[0][:, 3] == 0)
 
 
 def test_chunked_skips_empty_tiles():
@@ -217,39 +45,44 @@ def test_chunked_skips_empty_tiles():
 
 
 def test_merge_partials_equals_full():
+    """Out AND lse of the merge equal attention over all keys, also with a part that sees no key
+    (lse -inf everywhere) and rows that see no key in any part. The conformance suite merges
+    each backend's partials the same way (``test_partials_merge_to_the_whole``).
+
+    Catches: jaxattn/core/softmax.py ``merge_partials`` returning ``lse = safe_log(total)``
+    instead of ``m + safe_log(total)`` (output still right), or taking ``jnp.max`` instead of
+    ``safe_max`` over the parts (NaN on rows that are empty in every part)."""
     q, k, v = rand_inputs(13, t=T, s=S)
-    full = dense.attention_reference(q, k, v)
-    parts = [dense.attention_reference(q, k[:, sl], v[:, sl], return_lse=True)
+    allowed = np.tril(np.ones((T, S), bool))
+    allowed[3] = False
+    ref = jit_for_tests(functools.partial(dense.attention_reference, return_lse=True))
+    full, full_lse = ref(q, k, v, mask=allowed)
+    parts = [ref(q, k[:, sl], v[:, sl], mask=allowed[:, sl])
              for sl in (slice(0, 20), slice(20, S))]
-    out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    empty = ref(q, k, v, mask=np.zeros((T, S), bool))
+    assert bool(np.all(np.isneginf(empty[1])))
+    parts.append(empty)
+    out, lse = jit_for_tests(merge_partials)([p[0] for p in parts], [p[1] for p in parts])
     assert max_err(out, full) < F32_ATOL
+    finite = np.isfinite(np.asarray(full_lse))
+    assert not finite.all() and np.array_equal(finite, np.isfinite(np.asarray(lse)))
+    assert max_err(np.where(finite, lse, 0.0), np.where(finite, full_lse, 0.0)) < F32_ATOL
 
 
-def test_dropout_deterministic_and_unbiased():
-    q, k, v = rand_inputs(14, t=16, s=16)
-    f = functools.partial(jaxattn.dot_product_attention, q, k, v, dropout_rate=0.5)
-    a, b = f(dropout_rng=jax.random.key(0)), f(dropout_rng=jax.random.key(0))
-    c = f(dropout_rng=jax.random.key(1))
-    assert max_err(a, b) == 0.0 and max_err(a, c) > 1e-3
-    # Unbiased: over 200 rngs every entry's mean is within 5 standard errors of the
-    # no-dropout output (a z-test per entry; an absolute threshold would depend on the spread).
-    samples = np.stack([np.asarray(f(dropout_rng=jax.random.key(i))) for i in range(200)])
-    z = (samples.mean(0) - np.asarray(jaxattn.dot_product_attention(q, k, v))) / (
-        samples.std(0) / np.sqrt(len(samples)))
-    assert np.abs(z).max() < 5 and abs(z.mean()) < 0.2
-
-
-@pytest.mark.parametrize("tiles", [(16, 16), (8, 32)])
+@pytest.mark.parametrize("tiles", [(8, 32)])
 def test_chunked_dropout_equals_reference_with_the_same_rng(tiles):
     """The dropout mask is a hash of global (b, n, i, j): any tiling drops the same entries, so
-    forward and gradients match the reference exactly (up to float rounding)."""
+    forward and gradients match the reference exactly (up to float rounding). 16 x 16 tiles:
+    ``tests/test_backend_xla_chunked.py::TestXlaChunked::test_dropout_matches_spec``."""
     q, k, v = rand_inputs(21, t=T, s=S, n=4, k=2)
     kw = dict(dropout_rate=0.3, dropout_rng=jax.random.key(7), is_causal=True)
     impl = jaxattn.Implementation("xla_chunked", *tiles)
     ours = functools.partial(jaxattn.dot_product_attention, implementation=impl, **kw)
     ref = functools.partial(jaxattn.dot_product_attention, implementation="reference", **kw)
-    assert max_err(ours(q, k, v), ref(q, k, v)) < F32_ATOL
-    assert max_err(ours(q, k, v), jaxattn.dot_product_attention(q, k, v, is_causal=True)) > 0.1
+    plain = functools.partial(jaxattn.dot_product_attention, is_causal=True)
+    out, out_ref, out_plain = jit_for_tests(lambda *a: (ours(*a), ref(*a), plain(*a)))(q, k, v)
+    assert max_err(out, out_ref) < F32_ATOL
+    assert max_err(out, out_plain) > 0.1
     g, g_ref = grads(ours, (q, k, v), (0, 1, 2)), grads(ref, (q, k, v), (0, 1, 2))
     chex.assert_trees_all_close(g, g_ref, atol=F32_GRAD_ATOL, rtol=0)
     assert jaxattn.explain(q, k, v, **kw).chosen == "xla_chunked"
@@ -267,20 +100,15 @@ def test_dropout_keep_mask_statistics():
     for axis in (2, 3):  # neighbours along rows / columns are uncorrelated
         a, b = np.moveaxis(keep, axis, 0)[:-1].ravel(), np.moveaxis(keep, axis, 0)[1:].ravel()
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
-    # different heads, batches and seeds give different masks
-    assert (keep[0, 0] != keep[0, 1]).mean() > 0.3 and (keep[0, 0] != keep[1, 0]).mean() > 0.3
+    # different heads, batches and seeds give different masks: EVERY two (batch, head) rows
+    # (a row stride of N - 1 would give (b, N-1) and (b+1, 0) the same mask)
+    rows = keep.reshape(-1, keep.shape[2] * keep.shape[3])
+    for i, j in itertools.combinations(range(len(rows)), 2):
+        assert (rows[i] != rows[j]).mean() > 0.3, f"(batch, head) rows {i} and {j} collide"
     other = np.asarray(dlib.keep_mask(dlib.dropout_seed(jax.random.key(4)), *idx, 0.25, 4))
     assert (keep != other).mean() > 0.3
     with pytest.raises(ValueError, match="dropout rate"):
         dlib.keep_mask(seed, *idx, 1.0, 4)
-
-
-def test_rank3_and_jit():
-    q, k, v = rand_inputs(15, b=1, t=T, s=S)
-    out3 = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True))(
-        q[0], k[0], v[0])
-    assert out3.shape == (T, 4, 16)
-    assert max_err(out3, jaxattn.dot_product_attention(q, k, v, is_causal=True)[0]) < F32_ATOL
 
 
 # ---- dispatch --------------------------------------------------------------------------------
@@ -321,16 +149,17 @@ def test_implementation_tile_sizes():
     impl = jaxattn.Implementation("xla_chunked", block_q=16, block_kv=32)
     f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, implementation=impl)
     ref = jaxattn.dot_product_attention(q, k, v, implementation="reference")
-    assert max_err(f(q, k, v), ref) < F32_ATOL
+    assert max_err(jit_for_tests(f)(q, k, v), ref) < F32_ATOL
     # T=37 -> 3 query tiles of 16, S=53 -> 2 kv tiles of 32: 6 tiles (the last column partial).
     assert sorted(_scan_lengths(f, q, k, v)) == [3, 3]
     default = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, implementation="xla_chunked")
     assert _scan_lengths(default, q, k, v) == [1]  # one 37 x 53 tile, padded keys: partial
     # Causal with tiles: the schedule follows the tile sizes and still matches the reference.
-    causal = jaxattn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=jaxattn.Implementation("xla_chunked", 8, 8))
-    assert max_err(causal, jaxattn.dot_product_attention(q, k, v, is_causal=True,
-                                                         implementation="reference")) < F32_ATOL
+    causal = functools.partial(jaxattn.dot_product_attention, is_causal=True)
+    out_8, out_ref = jit_for_tests(lambda *a: (
+        causal(*a, implementation=jaxattn.Implementation("xla_chunked", 8, 8)),
+        causal(*a, implementation="reference")))(q, k, v)
+    assert max_err(out_8, out_ref) < F32_ATOL
     # Gradients through the tiled path.
     g_ours = grads(lambda *a: jaxattn.dot_product_attention(*a, implementation=impl),
                    (q, k, v), (0, 1, 2))
@@ -348,23 +177,6 @@ def test_implementation_tile_sizes():
 
 
 # ---- bad inputs --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_outputs_satisfy_the_declared_shape_contract(impl):
-    """jaxattn.typing's aliases, one binding of B, T, S, N, K, H, Hv over inputs and outputs."""
-    from jaxattn import typing as jt
-
-    q, k, v = rand_inputs(18, t=T, s=S, n=4, k=2)
-    v = v[..., :12]  # Hv != H
-    out, lse = jaxattn.dot_product_attention(q, k, v, is_causal=True, return_lse=True,
-                                             implementation=impl)
-    jt.check_shapes(query=(q, jt.Query), key=(k, jt.Key), value=(v, jt.Value),
-                    out=(out, jt.Output), lse=(lse, jt.LSE))
-    with pytest.raises(TypeError, match="lse has shape"):
-        jt.check_shapes(query=(q, jt.Query), lse=(lse[:, :-1], jt.LSE))
-    with pytest.raises(TypeError, match="key has shape"):
-        jt.check_shapes(query=(q, jt.Query), key=(k[..., :8], jt.Key))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -394,30 +206,3 @@ def test_bad_inputs_raise_clear_errors():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
-
-
-# ---- random mask compositions end to end (hypothesis) -----------------------------------------
-
-from test_masks import MASKS  # noqa: E402  (the same composition strategy)
-
-
-@settings(max_examples=100, deadline=None)
-@given(mask=MASKS, t=st.integers(1, 40), s=st.integers(1, 40))
-def test_random_compositions_chunked_vs_reference(mask, t, s):
-    q, k, v = rand_inputs(18, b=1, t=t, s=s, n=2, k=1, h=8)
-    ref = dense.attention_reference(q, k, v, mask=mask)
-    out = chunked.chunked_attention(q, k, v, None, mask, block_q=8, block_kv=8)
-    assert max_err(out, ref) < F32_ATOL
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_additive_neg_inf_bias_rows(impl):
-    """Additive masks (-inf in the bias) are common; a row masked only by the bias must give
-    zeros and finite gradients on every path, including tiles the mask metadata calls full."""
-    q, k, v = rand_inputs(19, t=8, s=8)
-    bias = jnp.zeros((1, 1, 8, 8), jnp.float32).at[:, :, 3, :].set(-jnp.inf)
-    f = lambda q, k, v: jaxattn.dot_product_attention(q, k, v, bias, implementation=impl)
-    out = f(q, k, v)
-    assert jnp.all(out[:, 3] == 0) and jnp.all(jnp.isfinite(out))
-    for g in jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v):
-        assert jnp.all(jnp.isfinite(g))

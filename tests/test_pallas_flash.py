@@ -1,20 +1,23 @@
-"""Pallas block-sparse flash attention, in interpret mode on CPU, against the reference.
+"""Pallas block-sparse flash attention, in interpret mode on CPU: what is kernel-specific.
+
+The cases every backend must pass (masks, soft-cap, sinks, segments, fully masked rows, bf16,
+dropout, head dims, random mask compositions) run for Pallas from
+``tests/test_backend_pallas.py`` (the conformance suite). Here: block skipping, hand-made
+metadata, dispatch and refusals, the kernel's copy of the dropout hash, the TPU variant and the
+device lowerings.
 
 Shapes are deliberately small and odd (T=37, S=45 with 16x16 tiles: padding in both directions,
 several partial and full tiles) so that the whole file stays fast in the interpreter.
 """
 
 import dataclasses
-import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_testing import F32_ATOL, F32_GRAD_ATOL, bf16_budget, max_err, rand_inputs
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from attention_testing import F32_ATOL, F32_GRAD_ATOL, jit_for_tests, max_err, rand_inputs
 
 import jaxattn
 from jaxattn import masks as M
@@ -34,12 +37,6 @@ def _seg_ids(length, bounds, b=B):
     return jnp.asarray(np.stack(rows), jnp.int32)
 
 
-def pallas(q, k, v, mask=None, *, block=BLOCK, **kw):
-    """Through the jaxattn adapter with small tiles; returns (out, lse)."""
-    call, _ = make_call(q, k, v, None, mask, return_lse=True, **kw)
-    return pallas_backend.run(call, block, block)
-
-
 def reference(q, k, v, mask=None, **kw):
     call, _ = make_call(q, k, v, None, mask, return_lse=True, **kw)
     return dense.attention_reference(
@@ -49,7 +46,7 @@ def reference(q, k, v, mask=None, **kw):
 
 def _loss_grads(fn, args, argnums):
     """Gradients of a random projection of out plus one of the (finite part of the) LSE."""
-    out, lse = fn(*args)
+    out, lse = jax.eval_shape(fn, *args)
     w_o = jax.random.normal(jax.random.key(1), out.shape, jnp.float32)
     w_l = jax.random.normal(jax.random.key(2), lse.shape, jnp.float32)
 
@@ -59,125 +56,17 @@ def _loss_grads(fn, args, argnums):
             jnp.where(jnp.isfinite(lse), lse, 0.0) * w_l)
 
     # jit: one compilation of the whole backward instead of one per eager kernel call.
-    return jax.jit(jax.grad(loss, argnums=argnums))(*args)
+    return jit_for_tests(jax.grad(loss, argnums=argnums))(*args)
 
 
-def _check_f32(q, k, v, mask=None, *, sinks=None, **kw):
-    def ours(q, k, v, sinks):
-        return pallas(q, k, v, mask, sinks=sinks, **kw)
-
-    def ref(q, k, v, sinks):
-        return reference(q, k, v, mask, sinks=sinks, **kw)
-
-    args = (q, k, v, sinks)
-    out, lse = jax.jit(ours)(*args)
-    r_out, r_lse = ref(*args)
-    assert out.shape == r_out.shape and lse.shape == r_lse.shape == q.shape[:3]
-    assert max_err(out, r_out) < F32_ATOL
-    finite = jnp.isfinite(r_lse)
-    assert bool(jnp.all(finite == jnp.isfinite(lse)))
-    assert max_err(jnp.where(finite, lse, 0.0), jnp.where(finite, r_lse, 0.0)) < F32_ATOL
-    argnums = (0, 1, 2, 3) if sinks is not None else (0, 1, 2)
-    for g, r, name in zip(_loss_grads(ours, args, argnums), _loss_grads(ref, args, argnums),
-                          "qkvs", strict=False):
-        assert g.shape == r.shape, name
-        assert max_err(g, r) < F32_GRAD_ATOL, name
-
-
-def _mask_case(name):
-    r = np.random.default_rng(3)
-    if name == "none":
-        return None, {}
-    if name == "causal":
-        return None, dict(is_causal=True)
-    if name == "causal_bottom_right":
-        return M.CausalMask(offset=S - T), {}
-    if name == "local":
-        return M.LocalMask((9, 3), offset=S - T), {}
-    if name == "chunked":
-        return M.ChunkedCausalMask(12), {}
-    if name == "prefix_lm":
-        return M.PrefixLMMask(np.array([5, 20])), {}
-    if name == "segments":
-        return None, dict(query_segment_ids=_seg_ids(T, [9, 25]),
-                          kv_segment_ids=_seg_ids(S, [12, 30]), is_causal=True)
-    if name == "multi_head":
-        return M.MultiHeadMask([M.CausalMask(), M.LocalMask((4, 0)), M.FullMask(),
-                                M.ChunkedCausalMask(7)]), {}
-    if name == "and_or":
-        return (M.CausalMask() & M.LocalMask((10, 0))) | M.PrefixLMMask(6), {}
-    if name == "random_array":
-        return M.ArrayMask(r.random((B, 1, T, S)) > 0.6), {}
-    raise ValueError(name)
-
-
-MASK_CASES = ["none", "causal", "causal_bottom_right", "local", "chunked", "prefix_lm",
-              "segments", "multi_head", "and_or", "random_array"]
-
-
-@pytest.mark.parametrize("case", MASK_CASES)
-def test_forward_and_grads_match_reference(case):
-    mask, kw = _mask_case(case)
-    q, k, v = rand_inputs(0, b=B, t=T, s=S, n=N, k=K, h=H)
-    _check_f32(q, k, v, mask, **kw)
-
-
-def test_soft_cap_sinks_mqa_and_value_dim():
-    q, k, v = rand_inputs(4, b=B, t=T, s=S, n=N, k=1, h=H, hv=8)
-    q = q * 3.0  # large logits so that the soft-cap matters
-    sinks = jnp.asarray([0.5, -1.0, 0.0, 2.0], jnp.float32)
-    _check_f32(q, k, v, M.CausalMask(offset=S - T), sinks=sinks, logits_soft_cap=4.0)
-
-
-def test_segments_with_sinks_and_local_window():
-    q, k, v = rand_inputs(5, b=B, t=S, s=S, n=N, k=K, h=H)
-    ids = _seg_ids(S, [7, 19, 33])
-    sinks = jnp.asarray([0.1, 0.2, -0.3, 1.0], jnp.float32)
-    _check_f32(q, k, v, M.LocalMask((6, 0)), sinks=sinks, query_segment_ids=ids)
-
-
-def test_fully_masked_rows_are_zero_with_finite_grads():
-    q, k, v = rand_inputs(6, b=1, t=T, s=S, n=2, k=2, h=H)
-    allowed = np.ones((T, S), bool)
-    allowed[3] = False
-    allowed[20:] = False  # rows 20.. see nothing: their tiles are EMPTY or masked
-    mask = M.ArrayMask(allowed)
-    out, lse = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
-    assert bool(jnp.all(out[:, 3] == 0)) and bool(jnp.all(out[:, 20:] == 0))
-    assert bool(jnp.all(lse[:, 3] == -jnp.inf)) and bool(jnp.all(lse[:, 20:] == -jnp.inf))
-    _check_f32(q, k, v, mask)  # includes the gradients: finite, and 0 where the reference's are
-
-
-def test_bf16_within_budget():
-    q, k, v = rand_inputs(7, b=B, t=T, s=S, n=N, k=K, h=H, dtype=jnp.bfloat16)
-    mask = M.CausalMask(offset=S - T) & M.LocalMask((20, 0), offset=S - T)
-    out, _ = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
-    assert out.dtype == jnp.bfloat16
-    f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
-    truth = dense.attention_reference(*f32, mask=mask)
-    assert max_err(out, truth) <= bf16_budget(q, k, v, mask=mask)
-
-    def proj(fn, args):
-        w = jax.random.normal(jax.random.key(9), out.shape, jnp.float32)
-        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w),
-                                argnums=(0, 1, 2)))(*args)
-
-    g = proj(lambda q, k, v: pallas(q, k, v, mask)[0], (q, k, v))
-    g32 = proj(lambda q, k, v: dense.attention_reference(q, k, v, mask=mask), f32)
-    for a, r in zip(g, g32, strict=True):
-        assert a.dtype == jnp.bfloat16
-        # Same budget as the other bf16 paths (tests/test_attention.py): a few bf16 ulps (2^-8)
-        # of the gradient's scale.
-        assert max_err(a, r) <= 8 * 2.0**-8 * float(jnp.max(jnp.abs(r)))
-
-
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_head_dims_forward(head_dim):
-    q, k, v = rand_inputs(15, b=1, t=40, s=40, n=2, k=1, h=head_dim)
-    mask = M.CausalMask()
-    out, lse = jax.jit(lambda q, k, v: pallas(q, k, v, mask))(q, k, v)
-    r_out, r_lse = reference(q, k, v, mask)
-    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
+# Masks with empty tiles on the 16 x 16 grid of T=37, S=45 (the block-skipping tests).
+SKIP_MASKS = {
+    "causal_bottom_right": M.CausalMask(offset=S - T),
+    "local": M.LocalMask((9, 3), offset=S - T),
+    "multi_head": M.MultiHeadMask([M.CausalMask(), M.LocalMask((4, 0)), M.FullMask(),
+                                   M.ChunkedCausalMask(7)]),
+    "prefix_lm": M.PrefixLMMask(np.array([5, 20])),
+}
 
 
 # ---- block skipping is real -----------------------------------------------------------------
@@ -190,9 +79,9 @@ def _visits(q, k, v, mask, **seg):
     return out, np.asarray(visits), meta
 
 
-@pytest.mark.parametrize("case", ["causal_bottom_right", "local", "multi_head", "prefix_lm"])
+@pytest.mark.parametrize("case", list(SKIP_MASKS))
 def test_visited_blocks_equal_block_info(case):
-    mask, _ = _mask_case(case)
+    mask = SKIP_MASKS[case]
     q, k, v = rand_inputs(8, b=B, t=T, s=S, n=N, k=K, h=H)
     out, visits, _ = _visits(q, k, v, mask)
     info = mask.block_info(T, S, BLOCK, BLOCK)
@@ -250,46 +139,7 @@ def test_tiles_follow_the_metadata_not_the_mask_rule():
     np.testing.assert_array_equal(np.asarray(visits), [[[2, 1], [2, 1]]])
 
 
-# ---- random compositions ---------------------------------------------------------------------
-
-_BASE = st.sampled_from([
-    M.CausalMask(), M.LocalMask((5, 2)), M.LocalMask((0, 11)), M.ChunkedCausalMask(10),
-    M.PrefixLMMask(13), M.FullMask(), M.CausalMask(offset=8),
-])
-
-
-@st.composite
-def _masks(draw):
-    m = draw(_BASE)
-    for _ in range(draw(st.integers(0, 2))):
-        other = draw(_BASE)
-        m = (m & other) if draw(st.booleans()) else (m | other)
-    return m
-
-
-@settings(max_examples=4, deadline=None, derandomize=True)
-@given(mask=_masks(), lengths=st.sampled_from([(37, 45), (45, 30)]))
-def test_random_compositions(mask, lengths):
-    t, s = lengths
-    q, k, v = rand_inputs(10, b=1, t=t, s=s, n=2, k=1, h=H)
-    _check_f32(q, k, v, mask)
-
-
 # ---- dispatch --------------------------------------------------------------------------------
-
-
-def test_dispatch_runs_pallas_under_jit_with_traced_segment_ids():
-    q, k, v = rand_inputs(11, b=B, t=S, s=S, n=N, k=K, h=H)
-    ids = _seg_ids(S, [20])
-
-    @jax.jit
-    def f(q, k, v, ids):
-        return jaxattn.dot_product_attention(q, k, v, is_causal=True, query_segment_ids=ids,
-                                             implementation="pallas", return_lse=True)
-
-    out, lse = f(q, k, v, ids)
-    r_out, r_lse = reference(q, k, v, is_causal=True, query_segment_ids=ids)
-    assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
 
 
 def test_dispatch_tile_sizes_reach_the_kernel():
@@ -301,24 +151,6 @@ def test_dispatch_tile_sizes_reach_the_kernel():
     cfg = pallas_backend.flash_config_for(dataclasses.replace(call, block_q=16, block_kv=32))
     assert (cfg.block_q, cfg.block_kv) == (16, 32)
     assert pallas_backend.flash_config_for(call).block_q != 16  # the default differs
-
-
-@pytest.mark.parametrize("with_seg", [False, True])
-def test_dropout_equals_reference_with_the_same_rng(with_seg):
-    """The kernels regenerate the reference's position-hash dropout mask per tile (forward, dq
-    and dk/dv), so forward and all gradients match the reference for the same rng."""
-    q, k, v = rand_inputs(15, b=B, t=T, s=S, n=N, k=K, h=H)
-    kw = dict(is_causal=True, dropout_rate=0.25, dropout_rng=jax.random.key(9))
-    if with_seg:
-        kw.update(query_segment_ids=_seg_ids(T, [20]), kv_segment_ids=_seg_ids(S, [20]))
-    impl = jaxattn.Implementation("pallas", BLOCK, BLOCK)
-    ours = functools.partial(jaxattn.dot_product_attention, implementation=impl, **kw)
-    ref = functools.partial(jaxattn.dot_product_attention, implementation="reference", **kw)
-    args = (q, k, v)
-    assert max_err(ours(*args), ref(*args)) < F32_ATOL
-    for g, r in zip(_loss_grads(ours, args, (0, 1, 2)), _loss_grads(ref, args, (0, 1, 2)),
-                    strict=True):
-        assert max_err(g, r) < F32_GRAD_ATOL
 
 
 def test_kernel_dropout_hash_equals_jaxattn():
@@ -439,8 +271,8 @@ def test_tpu_interpret_variant_matches_reference():
                                          sinks=sinks, return_lse=True)
 
     args = (q, k, v, sinks)
-    out, lse = jax.jit(ours)(*args)
-    r_out, r_lse = ref(*args)
+    out, lse = jit_for_tests(ours)(*args)
+    r_out, r_lse = jit_for_tests(ref)(*args)
     assert max_err(out, r_out) < F32_ATOL and max_err(lse, r_lse) < F32_ATOL
     for g, r in zip(_loss_grads(ours, args, (0, 1, 2, 3)), _loss_grads(ref, args, (0, 1, 2, 3)),
                     strict=True):
@@ -448,10 +280,12 @@ def test_tpu_interpret_variant_matches_reference():
     # Dropout with the seed in SMEM: the same entries as the reference drops for that seed.
     key = jax.random.key(2)
     drop = dataclasses.replace(cfg, dropout_rate=0.2)
-    out_d = flash.flash_attention(q, k, v, meta, config=drop, sinks=sinks,
-                                  dropout_seed=jax.random.bits(key, (2,), jnp.uint32), **seg)[0]
-    ref_d = dense.attention_reference(q, k, v, None, full, scale=0.25, logits_soft_cap=6.0,
-                                      sinks=sinks, dropout_rate=0.2, dropout_rng=key)
+    out_d = jit_for_tests(lambda *a: flash.flash_attention(
+        *a, meta, config=drop, sinks=sinks, dropout_seed=jax.random.bits(key, (2,), jnp.uint32),
+        **seg)[0])(q, k, v)
+    ref_d = jit_for_tests(lambda *a: dense.attention_reference(
+        *a, None, full, scale=0.25, logits_soft_cap=6.0, sinks=sinks, dropout_rate=0.2,
+        dropout_rng=key))(q, k, v)
     assert max_err(out_d, ref_d) < F32_ATOL and max_err(out_d, out) > 1e-2
 
 
