@@ -389,8 +389,8 @@ class AttentionConformance:
         """Rows that see no key: output 0, LSE -inf, finite gradients, exactly zero dq, and all
         gradients equal to the spec's under a random-projection cotangent.
 
-        Catches plant (ii): jaxattn/core/chunked.py, ``_backward.tile_grads``, the line
-        ``s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)`` changed to
+        Catches plant (ii): jaxattn/core/chunked.py, ``_backward.tile_grads`` (line 311 at
+        8e5f8dc), the line ``s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)`` changed to
         ``s = jnp.where(tiles.allowed(qi, kj) | ~jnp.isfinite(_rows(lse, qi, r))[..., None],
         s, -jnp.inf)`` (the backward ignores the mask on rows whose LSE is -inf). A
         ``sum(out**2)`` loss has cotangent 0 on a zero row, so only the projection sees it.
@@ -487,9 +487,11 @@ class AttentionConformance:
         """bf16 with soft-cap and an explicit scale: low precision keeps the scale on the logits
         in xla_chunked (f32 folds it into q), a path no f32 case reaches.
 
-        Catches plant (i): jaxattn/core/chunked.py, ``_Tiles.logits``, the soft-cap taken before
-        the scale: ``x = x + bt`` / ``s = sm.soft_cap(x, cap)`` first, then
-        ``x, s = x * scale, s * scale`` (instead of scale, bias, then cap).
+        Catches plant (i): jaxattn/core/chunked.py, ``_Tiles.logits`` (lines 206-211 at
+        8e5f8dc), the soft-cap taken before the scale: ``x = x + bt`` and
+        ``s = sm.soft_cap(x, self.st.soft_cap)`` first, then ``x, s = x * scale, s * scale``
+        (instead of scale, bias, then cap). f32 folds the scale into q (``st.scale == 1``), so
+        only bf16/f16 with a soft-cap reaches it; it fails only this case.
         """
         q, k, v = rand_inputs(9, t=T, s=S, dtype=jnp.bfloat16)
         self.require("soft_cap")
@@ -553,10 +555,12 @@ class AttentionConformance:
         values: ``out[b, i, n, j] = keep[b, n, i, j] / (S (1 - rate))``) is the position hash,
         keeps 1 - rate of the entries, and differs between EVERY two (batch, head) rows.
 
-        Catches plant (iii): jaxattn/core/dropout.py, ``keep_mask``, the row index
-        ``row = u32(batch_idx) * jnp.uint32(num_heads) + u32(head_idx)`` written with stride
-        ``num_heads - 1``: then (b, N-1) and (b+1, 0) share a mask, which a test comparing only
-        head 0 with head 1 and batch 0 with batch 1 never sees.
+        Catches plant (iii): jaxattn/core/dropout.py ``keep_mask`` (line 54 at 8e5f8dc), the row
+        index ``row = u32(batch_idx) * jnp.uint32(num_heads) + u32(head_idx)`` written with
+        stride ``num_heads - 1`` (and the same in the kernels' bit-equal copy,
+        pallas_kernels/flash/dropout.py line 34, else the Pallas-vs-reference cases see it):
+        then (b, N-1) and (b+1, 0) share a mask, which a test comparing only head 0 with head 1
+        and batch 0 with batch 1 never sees. All backends fail this case.
         """
         self.require("dropout", "float32")
         b, n, kh, length, rate = 3, 4, 2, 32, 0.5
@@ -598,9 +602,10 @@ class AttentionConformance:
         into attention over all keys: out AND lse. The parts include rows that see no key of
         the part, a part that sees no key at all, and a row that sees no key in any part.
 
-        Catches plant (iv): jaxattn/core/softmax.py, ``merge_partials``,
+        Catches plant (iv): jaxattn/core/softmax.py ``merge_partials`` (line 56 at 8e5f8dc),
         ``lse = m + safe_log(total)`` changed to ``lse = safe_log(total)`` (the merged output
-        stays right, so only an LSE assertion sees it).
+        stays right, so only an LSE assertion sees it); also ``jnp.max`` for ``safe_max`` on
+        line 53 (NaN on the row that is empty in every part).
         """
         self.require("lse", "float32", "general_masks")
         q, k, v = rand_inputs(13, t=T, s=S)
