@@ -78,9 +78,9 @@ def _bf16_reference_pair(q, k, v, bias, allowed, sinks, *, scale, logits_soft_ca
 
 
 def bf16_budget(q, k, v, **kw) -> float:
-    """Error budget for a bf16 implementation (ARCHITECTURE principle 7): twice the error that a
-    bf16 computation of the reference (inputs, logits and probabilities rounded to bf16) makes
-    against the f32 reference, plus a floor of one bf16 ulp at 1.0.
+    """Error budget for a bf16 implementation (docs/architecture.md, principle 6): twice the
+    error that a bf16 computation of the reference (inputs, logits and probabilities rounded to
+    bf16) makes against the f32 reference, plus a floor of one bf16 ulp at 1.0.
 
     ``kw``: ``mask`` (a Mask or boolean array), ``bias``, ``scale``, ``logits_soft_cap``,
     ``sinks`` as for the reference."""

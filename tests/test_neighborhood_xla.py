@@ -81,7 +81,8 @@ def check_forward(impl, c: NACase):
 
 
 def check_bf16(impl, c: NACase):
-    """bf16 error at most ~2x that of the reference computed in bf16 (docs/architecture.md, principle 6)."""
+    """bf16 error at most ~2x that of the reference computed in bf16 (docs/architecture.md,
+    principle 6)."""
     (q, k, v), kw = make_inputs(c, jnp.bfloat16)
     f32 = lambda t: None if t is None else t.astype(jnp.float32)
     kw32 = {n: f32(x) if hasattr(x, "dtype") else x for n, x in kw.items()}
