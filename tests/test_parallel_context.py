@@ -210,11 +210,11 @@ def test_local_relayout_matches_permutation(lb):
     mesh = make_mesh(data=2, context=4)  # the data axis replicates x
     x = jnp.arange(2 * 32, dtype=jnp.float32).reshape(2, 32)
     perm = layout.sequence_permutation(32, 4, lb)
-    from jaxattn.parallel.context import _shard_map
+    from jaxattn.parallel.mesh_axes import shard_map
 
     spec = jax.sharding.PartitionSpec(None, "context")
-    fwd = _shard_map(lambda a: layout.to_balanced(a, "context", 4, lb, 1), mesh, (spec,), spec)
-    bwd = _shard_map(lambda a: layout.from_balanced(a, "context", 4, lb, 1), mesh, (spec,), spec)
+    fwd = shard_map(lambda a: layout.to_balanced(a, "context", 4, lb, 1), mesh, (spec,), spec)
+    bwd = shard_map(lambda a: layout.from_balanced(a, "context", 4, lb, 1), mesh, (spec,), spec)
     y = jax.jit(fwd)(x)
     np.testing.assert_array_equal(y, np.asarray(x)[:, perm])
     np.testing.assert_array_equal(jax.jit(bwd)(y), x)
