@@ -170,6 +170,7 @@ _LEAVES = st.one_of(
     ),
     st.builds(M.ChunkedCausalMask, chunk_size=st.integers(1, 9)),
     st.builds(M.PrefixLMMask, prefix_len=st.integers(0, 12)),
+    st.builds(M.SinkMask, num_sinks=st.integers(0, 6)),
     st.just(M.FullMask()),
 )
 MASKS = st.recursive(
@@ -241,3 +242,46 @@ def test_composite_static_form(mask):
         return m.to_array(6, 6)
 
     np.testing.assert_array_equal(f(as_jax), mask.to_array(6, 6))
+
+
+def test_sink_mask_composes_with_a_causal_window():
+    from jaxattn.masks import EMPTY, CausalMask, LocalMask, SinkMask
+
+    m = (LocalMask((2, 0)) | SinkMask(3)) & CausalMask()
+    a = np.asarray(m.to_array(10, 10))  # [T, S]: no batch or head dependence
+    q, k = np.arange(10)[:, None], np.arange(10)[None, :]
+    np.testing.assert_array_equal(a, ((q - k <= 2) | (k < 3)) & (k <= q))
+    info = m.block_info(10, 10, 2, 2)  # structure survives: some tiles empty, some full
+    assert (np.asarray(info.kind) == EMPTY).any()
+    with pytest.raises(ValueError, match="num_sinks"):
+        SinkMask(-1)
+
+
+def test_length_mask_accepts_a_scalar_length():
+    from jaxattn.masks import LengthMask
+
+    a = np.asarray(LengthMask(kv_lengths=5).to_array(4, 8))  # batch-independent: [T, S]
+    assert a.shape == (4, 8) and LengthMask(kv_lengths=5).batch_size is None
+    np.testing.assert_array_equal(a, np.broadcast_to(np.arange(8) < 5, (4, 8)))
+    per_row = np.asarray(LengthMask(kv_lengths=np.array([5, 5])).to_array(4, 8))  # [B,1,T,S]
+    np.testing.assert_array_equal(per_row[1, 0], a)
+
+
+def test_segment_ids_from_lengths_and_cu_seqlens():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.masks import segment_ids_from_cu_seqlens, segment_ids_from_lengths
+
+    ids = segment_ids_from_lengths(np.array([[2, 0, 3], [4, 1, 1]]), 7)
+    np.testing.assert_array_equal(ids, [[0, 0, 2, 2, 2, -1, -1], [0, 0, 0, 0, 1, 2, -1]])
+    traced = jax.jit(lambda n: segment_ids_from_lengths(n, 7))(jnp.array([[2, 0, 3], [4, 1, 1]]))
+    np.testing.assert_array_equal(traced, ids)
+    np.testing.assert_array_equal(segment_ids_from_cu_seqlens(np.array([0, 3, 5])),
+                                  [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(segment_ids_from_cu_seqlens(np.array([0, 3, 5]), 7),
+                                  [0, 0, 0, 1, 1, -1, -1])
+    with pytest.raises(ValueError, match="total_length"):
+        segment_ids_from_lengths(np.array([3, 5]), 7)
+    with pytest.raises(TypeError, match="integer"):
+        segment_ids_from_lengths(np.array([1.0, 2.0]), 7)

@@ -40,7 +40,10 @@ from jaxattn.masks.library import (
     MultiHeadMask,
     PrefixLMMask,
     SegmentMask,
+    SinkMask,
     as_mask,
+    segment_ids_from_cu_seqlens,
+    segment_ids_from_lengths,
 )
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "PrefixLMMask",
     "SegmentMask",
     "LengthMask",
+    "SinkMask",
     "ModalityMutualMask",
     "MultiHeadMask",
     "ArrayMask",
@@ -60,6 +64,8 @@ __all__ = [
     "NotMask",
     "BlockInfo",
     "as_mask",
+    "segment_ids_from_cu_seqlens",
+    "segment_ids_from_lengths",
     "EMPTY",
     "PARTIAL",
     "FULL",

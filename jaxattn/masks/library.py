@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
 import numpy as np
 
-from jaxattn.masks.base import Mask, is_array, register_mask
+from jaxattn.masks.base import Mask, is_array, is_tracer, register_mask
 from jaxattn.masks.composite import CompositeMask
 
 __all__ = [
@@ -24,10 +25,13 @@ __all__ = [
     "PrefixLMMask",
     "SegmentMask",
     "LengthMask",
+    "SinkMask",
     "ModalityMutualMask",
     "MultiHeadMask",
     "ArrayMask",
     "as_mask",
+    "segment_ids_from_cu_seqlens",
+    "segment_ids_from_lengths",
 ]
 
 
@@ -186,7 +190,8 @@ class SegmentMask(Mask):
 @register_mask
 class LengthMask(Mask):
     """Padding mask: key ``k`` is visible iff ``k < kv_lengths[b]``; optionally query rows
-    ``q >= q_lengths[b]`` see nothing (their outputs are zero)."""
+    ``q >= q_lengths[b]`` see nothing (their outputs are zero). Lengths are ``[B]`` arrays or
+    scalars (the same length for every batch row)."""
 
     kv_lengths: Any = None
     q_lengths: Any = None
@@ -195,17 +200,35 @@ class LengthMask(Mask):
     @property
     def batch_size(self):
         for a in (self.kv_lengths, self.q_lengths):
-            if a is not None:
+            if a is not None and np.ndim(a) > 0:
                 return int(np.shape(a)[0])
         return None
 
     def _evaluate(self, q, k, xp):
+        per_row = lambda a: xp.reshape(xp.asarray(a), (-1, 1, 1, 1))  # [B or 1, 1, 1, 1]
         out = xp.ones((1, 1, q.shape[0], k.shape[1]), dtype=bool)
         if self.kv_lengths is not None:
-            out = out & (k[None, None] < xp.asarray(self.kv_lengths)[:, None, None, None])
+            out = out & (k[None, None] < per_row(self.kv_lengths))
         if self.q_lengths is not None:
-            out = out & (q[None, None] < xp.asarray(self.q_lengths)[:, None, None, None])
+            out = out & (q[None, None] < per_row(self.q_lengths))
         return out
+
+
+@register_mask
+class SinkMask(Mask):
+    """Attention sinks (StreamingLLM, Xiao et al., 2024): the first ``num_sinks`` keys are
+    visible to every query, ``k < num_sinks``. Compose it with a window and causality:
+    ``(LocalMask((w, 0)) | SinkMask(4)) & CausalMask()``."""
+
+    num_sinks: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.num_sinks, bool) or not isinstance(self.num_sinks, int) \
+                or self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be a non-negative int, got {self.num_sinks!r}")
+
+    def _evaluate(self, q, k, xp):
+        return _bcast4(xp.broadcast_to(k < self.num_sinks, (q.shape[0], k.shape[1])), xp)
 
 
 @register_mask
@@ -350,3 +373,45 @@ def as_mask(mask) -> Mask | None:
         return mask
     arr = mask if is_array(mask) else np.asarray(mask)
     return ArrayMask(arr)
+
+
+def segment_ids_from_lengths(lengths, total_length: int):
+    """Packed-document segment ids from per-document lengths.
+
+    Args:
+      lengths: int ``[..., n]``: the lengths of the ``n`` documents packed, in order, into each
+        row (zeros allowed).
+      total_length: the row length ``L`` (``>= sum(lengths)``; checked when concrete).
+
+    Returns:
+      int32 ``[..., L]``: document ``i``'s tokens get id ``i``; tokens after the last document
+      (padding) get ``-1``, so they never attend to a document (only to other padding).
+    """
+    xp = np if not is_tracer(lengths) else jnp
+    lengths = xp.asarray(lengths)
+    if not xp.issubdtype(lengths.dtype, xp.integer):
+        raise TypeError(f"lengths must be integer, got dtype {lengths.dtype}")
+    if lengths.ndim < 1:
+        raise ValueError(f"lengths must be [..., n_documents], got shape {lengths.shape}")
+    ends = xp.cumsum(lengths, axis=-1)  # [..., n]
+    if xp is np and (np.any(lengths < 0) or np.any(ends[..., -1:] > total_length)):
+        raise ValueError(f"lengths {lengths.tolist()} must be >= 0 and sum to at most "
+                         f"total_length={total_length}")
+    pos = xp.arange(total_length)
+    doc = xp.sum(pos[..., None] >= ends[..., None, :], axis=-1)  # [..., L]: documents ended
+    pad = pos >= ends[..., -1:]
+    return xp.where(pad, -1, doc).astype(np.int32)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens, total_length: int | None = None):
+    """Segment ids of one packed row from cumulative lengths (FlashAttention's varlen
+    ``cu_seqlens``, ``[n + 1]`` starting at 0): ``[total_length]`` int32 (default
+    ``cu_seqlens[-1]``; positions past it get ``-1``)."""
+    cu = np.asarray(cu_seqlens) if not is_tracer(cu_seqlens) else cu_seqlens
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be [n_documents + 1], got shape {cu.shape}")
+    if total_length is None:
+        if is_tracer(cu):
+            raise ValueError("total_length is required when cu_seqlens is traced")
+        total_length = int(cu[-1])
+    return segment_ids_from_lengths(cu[1:] - cu[:-1], total_length)
