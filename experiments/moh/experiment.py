@@ -106,17 +106,10 @@ def head_usage_by_class(model: ViTClassifier, source: DigitsSource) -> np.ndarra
     last = model.mixers[-1]
     if not hasattr(last, "gates"):
         return None
-    from jaxattn.models.encoder import patchify
-
-    images = jnp.asarray(source.images)
-    x = model.embed(patchify(images, model.cfg.patch_size)) + model.pos[...]
-    for n1, mixer, n2, mlp in zip(model.norms1, model.mixers, model.norms2, model.mlps,
-                                  strict=True):
-        if mixer is last:
-            g = np.asarray(last.gates(n1(x), rngs=nnx.Rngs(dropout=0)))  # [n, tokens, heads]
-            break
-        x = x + mixer(n1(x), deterministic=True)
-        x = x + mlp(n2(x))
+    x = model.embed_tokens(jnp.asarray(source.images))
+    for i in range(len(model.mixers) - 1):
+        x = model.block(i, x, deterministic=True)
+    g = np.asarray(last.gates(model.norms1[-1](x), rngs=nnx.Rngs(dropout=0)))  # [n, P, heads]
     per_image = g.mean(axis=1)
     return np.stack([per_image[source.labels == c].mean(0) for c in range(10)])
 

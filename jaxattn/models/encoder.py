@@ -58,12 +58,19 @@ class ViTClassifier(nnx.Module):
         self.norm = nnx.LayerNorm(d, rngs=rngs)
         self.head = nnx.Linear(d, cfg.num_classes, rngs=rngs)
 
-    def __call__(self, images, *, deterministic: bool | None = None, rngs=None):
+    def embed_tokens(self, images) -> jax.Array:
+        """Images ``[B, H, W]`` or ``[B, H, W, C]`` -> patch tokens with positions ``[B, P, D]``."""
         x = images[..., None] if images.ndim == 3 else images
-        x = self.embed(patchify(x.astype(jnp.float32), self.cfg.patch_size))  # [B, P, D]
-        x = x + self.pos[...]
-        for n1, mixer, n2, mlp in zip(self.norms1, self.mixers, self.norms2, self.mlps,
-                                      strict=True):
-            x = x + mixer(n1(x), deterministic=deterministic, rngs=rngs)
-            x = x + mlp(n2(x))
+        return self.embed(patchify(x.astype(jnp.float32), self.cfg.patch_size)) + self.pos[...]
+
+    def block(self, i: int, x, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+        """Layer ``i``: ``x + mixer(LN(x)); x + MLP(LN(x))`` on ``[B, P, D]``; the input of the
+        mixer is ``norms1[i](x)``."""
+        x = x + self.mixers[i](self.norms1[i](x), deterministic=deterministic, rngs=rngs)
+        return x + self.mlps[i](self.norms2[i](x))
+
+    def __call__(self, images, *, deterministic: bool | None = None, rngs=None):
+        x = self.embed_tokens(images)
+        for i in range(len(self.mixers)):
+            x = self.block(i, x, deterministic=deterministic, rngs=rngs)
         return self.head(self.norm(jnp.mean(x, axis=1)))
