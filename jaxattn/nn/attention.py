@@ -230,19 +230,27 @@ class MultiHeadAttention(nnx.Module):
         return constrain(y, ("batch", "length", "embed"))
 
     # ---- the steps of a forward pass ----------------------------------------------------------
+    def project_query(self, inputs_q):
+        """``inputs_q [B, T, D]`` -> queries ``[B, T, N, H]`` as attention sees them before RoPE
+        (projected, QK-normalised when asked, constrained to logical axes)."""
+        inputs_q = constrain(inputs_q, ("batch", "length", "embed"))
+        q = self._project(inputs_q, self.query_kernel, self.query_bias if self.use_bias else None)
+        if self.normalize_qk:
+            q = self.query_ln(q)
+        return constrain(q, ("batch", "length", "heads", "head_dim"))
+
     def _project_qkv(self, inputs_q, inputs_k, inputs_v):
         """``[B, T, D]`` (and ``[B, S, D_kv]``) -> ``q [B, T, N, H]``, ``k, v [B, S, K, H]``,
         QK-normalised when asked, activations constrained to logical axes."""
-        inputs_q = constrain(inputs_q, ("batch", "length", "embed"))
-        inputs_k = inputs_q if inputs_k is None else inputs_k
+        q = self.project_query(inputs_q)
+        inputs_k = constrain(inputs_q, ("batch", "length", "embed")) if inputs_k is None \
+            else inputs_k
         inputs_v = inputs_k if inputs_v is None else inputs_v
-        bias = (lambda name: getattr(self, name)) if self.use_bias else (lambda name: None)
-        q = self._project(inputs_q, self.query_kernel, bias("query_bias"))
-        k = self._project(inputs_k, self.key_kernel, bias("key_bias"))
-        v = self._project(inputs_v, self.value_kernel, bias("value_bias"))
+        k = self._project(inputs_k, self.key_kernel, self.key_bias if self.use_bias else None)
+        v = self._project(inputs_v, self.value_kernel,
+                          self.value_bias if self.use_bias else None)
         if self.normalize_qk:
-            q, k = self.query_ln(q), self.key_ln(k)
-        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+            k = self.key_ln(k)
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v

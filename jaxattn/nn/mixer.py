@@ -43,6 +43,8 @@ __all__ = [
     "capture_aux_losses",
     "make_mixer",
     "pattern_name",
+    "refuse_context",
+    "refuse_mask",
     "register_mixer",
     "sow_aux_loss",
     "total_aux_loss",

@@ -187,7 +187,7 @@ class MoHAttention(nnx.Module):
         return g
 
     def _query_norm_gates(self, x):
-        q, _, _ = self.attn._project_qkv(x, None, None)  # [B, L, N, H]
+        q = self.attn.project_query(x)  # [B, L, N, H]
         shared = jnp.ones(q.shape[:2] + (self.shared_heads,), jnp.float32)
         if not self.routed_heads:
             return shared
