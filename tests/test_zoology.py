@@ -115,10 +115,10 @@ def test_convolutions_match_direct_sums():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _layer(kind, **kw):
-    """One Zoology layer as the harness builds it (width 16, L = 32)."""
-    cfg = ZoologyModelConfig(width=16, seq_len=32, **kw)
-    return build_mixer(layer_config(kind, cfg, 2), features=16, num_heads=1, causal=True,
+def _layer(kind, width=16, **kw):
+    """One Zoology layer as the 2-layer harness builds it (L = 32)."""
+    cfg = ZoologyModelConfig(width=width, seq_len=32, **kw)
+    return build_mixer(layer_config(kind, cfg, 2), features=width, num_heads=1, causal=True,
                        rngs=nnx.Rngs(0))
 
 
@@ -187,13 +187,8 @@ def test_models_build_and_are_causal(name):
 def test_attn_init_std_reaches_qkv_kernels():
     """The quick preset's attention init (q/k/v std 0.1) reaches the kernels; the output
     projection keeps the reference's 0.02 / sqrt(2 n_layers)."""
-    def attention(**kw):
-        cfg = ZoologyModelConfig(width=64, seq_len=32, **kw)
-        return build_mixer(layer_config("attention", cfg, 2), features=64, num_heads=1,
-                           causal=True, rngs=nnx.Rngs(0))
-
-    m = attention(attn_init_std=0.1)
+    m = _layer("attention", width=64, attn_init_std=0.1)
     assert 0.08 < float(jnp.std(m.query_kernel[...])) < 0.12
     assert 0.08 < float(jnp.std(m.key_kernel[...])) < 0.12
     assert float(jnp.std(m.out_kernel[...])) < 0.015
-    assert float(jnp.std(attention().query_kernel[...])) < 0.03
+    assert float(jnp.std(_layer("attention", width=64).query_kernel[...])) < 0.03
