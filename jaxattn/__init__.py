@@ -7,6 +7,7 @@ Public API (re-exports only)::
     jaxattn.Implementation("xla_chunked", block_q=128, block_kv=256)   # a backend + tile sizes
     jaxattn.masks                          # structured masks with block metadata
     jaxattn.neighborhood_attention(q, k, v, kernel_size, ...)   # NATTEN semantics, 1D/2D/3D
+    jaxattn.tensor_attention(q, k1, k2, v1, v2, ...)   # trilinear attention (Alman & Song 2023)
     jaxattn.nn.MultiHeadAttention          # Flax NNX layer
     jaxattn.parallel                       # meshes, logical axes, head / context parallelism
 """
@@ -16,6 +17,7 @@ from jaxattn.ops.attention import dot_product_attention, explain
 from jaxattn.ops.neighborhood import explain_neighborhood, neighborhood_attention
 from jaxattn.ops.neighborhood_planner import plan_speedup as plan_neighborhood
 from jaxattn.ops.registry import Implementation
+from jaxattn.ops.tensor import explain_tensor_attention, tensor_attention
 
 __all__ = [
     "dot_product_attention",
@@ -26,5 +28,7 @@ __all__ = [
     "neighborhood_attention",
     "explain_neighborhood",
     "plan_neighborhood",
+    "tensor_attention",
+    "explain_tensor_attention",
 ]
 __version__ = "0.1.0"

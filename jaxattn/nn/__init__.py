@@ -4,7 +4,13 @@ Every token mixer registers itself in :data:`MIXERS` when its module is imported
 are, here); :func:`make_mixer` builds one by name (see :mod:`jaxattn.nn.mixer`).
 """
 
-from jaxattn.nn import baseconv, based, moh, sigmoid_lookup  # noqa: F401  (register mixers)
+from jaxattn.nn import (  # noqa: F401  (register mixers)
+    baseconv,
+    based,
+    moh,
+    sigmoid_lookup,
+    tensor_attention,
+)
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.baseconv import BaseConv
 from jaxattn.nn.based import BasedLinearAttention
@@ -31,6 +37,7 @@ from jaxattn.nn.neighborhood import (
 )
 from jaxattn.nn.rope import apply_rope
 from jaxattn.nn.sigmoid_lookup import SigmoidLookupAttention
+from jaxattn.nn.tensor_attention import TensorAttention
 
 __all__ = [
     "MIXERS",
@@ -47,6 +54,7 @@ __all__ = [
     "NeighborhoodAttention3D",
     "NeighborhoodMixer",
     "SigmoidLookupAttention",
+    "TensorAttention",
     "TokenMixer",
     "apply_rope",
     "aux_losses",

@@ -24,11 +24,12 @@ __all__ = [
     "ATTENTION", "NEIGHBORHOOD", "AttentionCall", "make_call", "NeighborhoodCall",
     "make_neighborhood_call", "platform_of", "describe", "describe_all", "check_arrays",
     "check_floating_same_dtype", "check_floating_array", "check_common_rank", "pad_to_rank",
-    "check_broadcast",
+    "check_broadcast", "TENSOR", "TensorAttentionCall", "make_tensor_call",
 ]
 
 ATTENTION = "attention"  # registry primitive of dot_product_attention
 NEIGHBORHOOD = "neighborhood"  # registry primitive of neighborhood_attention
+TENSOR = "tensor_attention"  # registry primitive of tensor_attention
 
 
 # ---- shared checks ---------------------------------------------------------------------------
@@ -395,3 +396,92 @@ def make_neighborhood_call(query, key, value, kernel_size, *, dilation=1, stride
         scale = float(scale)
     return NeighborhoodCall(query, key, value, params, scale, additional_keys, additional_values,
                             bias, bool(return_lse), platform_of(query))
+
+
+# ---- tensor_attention ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorAttentionCall:
+    """A validated tensor-attention call (:func:`jaxattn.tensor_attention`), as backends see it."""
+
+    query: Any  # [B, T, N, H]
+    key1: Any  # [B, S, K, H]
+    key2: Any  # [B, S, K, H]
+    value1: Any  # [B, S, K, Hv]
+    value2: Any  # [B, S, K, Hv]
+    scale: Any  # Python float, or a tracer
+    is_causal: bool
+    polynomial_degree: int | None
+    entry_bound: float | None  # declared by the caller (None: unknown)
+    return_lse: bool
+    platform: str
+    block_q: int | None = None
+    block_kv: int | None = None
+
+    @property
+    def dtype(self):
+        return self.query.dtype
+
+    @property
+    def traced(self) -> bool:
+        """Whether any input is a tracer (under ``jit`` / ``grad`` / ``vmap``)."""
+        arrays = (self.query, self.key1, self.key2)
+        return any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def _check_tensor_shapes(named: Mapping[str, Any]) -> None:
+    query, key1, key2, value1, value2 = named.values()
+    b, _, n, h = query.shape
+    if tuple(key1.shape) != tuple(key2.shape):
+        raise ValueError(f"key1 and key2 must have one shape [B, S, K, H], got "
+                         f"{describe(key1)} and {describe(key2)}")
+    if tuple(value1.shape) != tuple(value2.shape):
+        raise ValueError(f"value1 and value2 must have one shape [B, S, K, Hv], got "
+                         f"{describe(value1)} and {describe(value2)}")
+    bk, s, k, hk = key1.shape
+    if bk != b or value1.shape[0] != b:
+        raise ValueError(f"batch sizes differ: {describe_all(named)}")
+    if tuple(value1.shape[1:3]) != (s, k):
+        raise ValueError(f"keys {describe(key1)} and values {describe(value1)} must agree on "
+                         "[S, K]")
+    if hk != h:
+        raise ValueError(f"query head_dim {h} != key head_dim {hk} (query {describe(query)}, "
+                         f"key1 {describe(key1)})")
+    if s == 0:
+        raise ValueError(f"tensor attention needs at least one key, got key1 {describe(key1)}")
+    if k == 0 or n % k:
+        raise ValueError(f"query heads N={n} must be a multiple of key/value heads K={k}")
+
+
+def make_tensor_call(query, key1, key2, value1, value2, *, scale=None, is_causal=False,
+                     polynomial_degree=None, entry_bound=None,
+                     return_lse=False) -> TensorAttentionCall:
+    """Validate the arguments of :func:`jaxattn.tensor_attention` (ValueError / TypeError naming
+    the argument): ``query [B, T, N, H]``, ``key1, key2 [B, S, K, H]``, ``value1, value2
+    [B, S, K, Hv]``, ``N % K == 0``; causal needs ``T == S``."""
+    named = {"query": query, "key1": key1, "key2": key2, "value1": value1, "value2": value2}
+    check_arrays(named)
+    check_floating_same_dtype(named)
+    check_common_rank(named, (4,), "[batch, seq, heads, head_dim] (rank 4)")
+    _check_tensor_shapes(named)
+    if is_causal and query.shape[1] != key1.shape[1]:
+        raise ValueError(f"is_causal=True needs as many queries as keys, got query "
+                         f"{describe(query)} and key1 {describe(key1)}")
+    if polynomial_degree is not None and (isinstance(polynomial_degree, bool) or not isinstance(
+            polynomial_degree, (int, np.integer)) or polynomial_degree < 0):
+        raise ValueError(f"polynomial_degree must be an int >= 0 or None, got "
+                         f"{polynomial_degree!r}")
+    if entry_bound is not None:
+        if isinstance(entry_bound, jax.core.Tracer) or not np.isfinite(float(entry_bound)) or \
+                float(entry_bound) <= 0:
+            raise ValueError(f"entry_bound must be a positive Python number, got {entry_bound!r}")
+        entry_bound = float(entry_bound)
+    if scale is None:
+        scale = 1.0 / query.shape[-1]
+    elif not isinstance(scale, jax.core.Tracer):
+        scale = float(scale)
+    return TensorAttentionCall(
+        query, key1, key2, value1, value2, scale, bool(is_causal),
+        None if polynomial_degree is None else int(polynomial_degree), entry_bound,
+        bool(return_lse), platform_of(query))

@@ -15,9 +15,12 @@ from jaxattn.ops.backends import (
     neighborhood_xla,
     pallas,
     reference,
+    tensor_polynomial,
+    tensor_reference,
+    tensor_xla_chunked,
     xla_chunked,
 )
-from jaxattn.ops.call import ATTENTION, NEIGHBORHOOD
+from jaxattn.ops.call import ATTENTION, NEIGHBORHOOD, TENSOR
 
 __all__ = ["TABLES"]
 
@@ -25,6 +28,7 @@ TABLES: dict[str, tuple[registry.Backend, ...]] = {
     ATTENTION: (cudnn.BACKEND, pallas.BACKEND, xla_chunked.BACKEND, reference.BACKEND),
     NEIGHBORHOOD: (neighborhood_pallas.BACKEND, neighborhood_xla.BACKEND,
                    neighborhood_reference.BACKEND),
+    TENSOR: (tensor_xla_chunked.BACKEND, tensor_reference.BACKEND, tensor_polynomial.BACKEND),
 }
 
 
