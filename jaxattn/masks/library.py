@@ -73,15 +73,18 @@ class CausalMask(Mask):
 class LocalMask(Mask):
     """Sliding window: ``q + offset - left <= k <= q + offset + right``.
 
-    ``window=(left, right)``; ``None`` on a side means unbounded. ``LocalMask((w, 0))`` is the
-    causal sliding window of Mistral/Gemma with ``w`` keys of history plus the diagonal. Same
-    semantics as ``local_window_size`` of ``jax.nn.dot_product_attention``.
+    ``window=(left, right)``; ``None`` on a side means unbounded; an int ``w`` means ``(w, w)``.
+    ``LocalMask((w, 0))`` is the causal sliding window of Mistral/Gemma with ``w`` keys of
+    history plus the diagonal. Same semantics as ``local_window_size`` of
+    ``jax.nn.dot_product_attention``.
     """
 
     window: tuple[int | None, int | None] = (None, None)
     offset: int = 0
 
     def __post_init__(self):
+        if isinstance(self.window, int | np.integer) and not isinstance(self.window, bool):
+            object.__setattr__(self, "window", (int(self.window), int(self.window)))
         if not isinstance(self.window, tuple) or len(self.window) != 2:
             raise ValueError(f"LocalMask window must be a (left, right) tuple, got {self.window!r}")
         for side, w in zip(("left", "right"), self.window, strict=True):

@@ -48,6 +48,10 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     return_lse: bool = False,
     implementation: str | registry.Implementation | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    return_residual: bool = False,
 ):
     """Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", 2017).
 
@@ -75,7 +79,18 @@ def dot_product_attention(
         e.g. ``"pallas"``), or ``None`` for the best that can run this call here.
         :func:`explain` tells which one ``None`` picks and why the others were refused.
         ``jaxattn.Implementation("xla_chunked", block_q=128, block_kv=256)`` names a tiled
-        backend with explicit tile sizes (memory/speed trade-off).
+        backend with explicit tile sizes (memory/speed trade-off). ``"xla"`` (jax.nn's name)
+        runs the XLA path: ``"xla_chunked"``, or ``"reference"`` where the chunked path refuses.
+      query_seq_lengths, key_value_seq_lengths: int ``[B]`` (as ``jax.nn``): keys at or beyond
+        ``key_value_seq_lengths[b]`` are invisible and query rows at or beyond
+        ``query_seq_lengths[b]`` are zero (a :class:`jaxattn.masks.LengthMask` ANDed in).
+      local_window_size: ``w`` or ``(left, right)`` (as ``jax.nn``): query ``q`` sees keys
+        ``q - left .. q + right`` (a :class:`jaxattn.masks.LocalMask` ANDed in).
+      return_residual: ``jax.nn``'s name for ``return_lse``: also return the LSE ``[B, T, N]``.
+
+    Differences from ``jax.nn.dot_product_attention`` (on purpose): a query row that sees no key
+    (e.g. a mask row that is all False) returns zeros here; ``jax.nn`` returns the mean of the
+    values. Padded query rows (``query_seq_lengths``) are zeros in both.
 
     Returns:
       ``[B, T, N, Hv]`` in the inputs' dtype, and with ``return_lse`` also ``[B, T, N]``. A query
@@ -89,9 +104,12 @@ def dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
         logits_soft_cap=logits_soft_cap, sinks=sinks, dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng, return_lse=return_lse,
+        dropout_rng=dropout_rng, return_lse=return_lse or return_residual,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
     )
-    impl = registry.as_implementation(implementation)
+    return_lse = return_lse or return_residual
+    impl = _xla_alias(registry.as_implementation(implementation), call)
     if impl is not None and impl.has_tiles:
         call = dataclasses.replace(call, block_q=impl.block_q, block_kv=impl.block_kv)
     backend = registry.choose(PRIMITIVE, call, impl)
@@ -102,9 +120,22 @@ def dot_product_attention(
     return (out, lse) if return_lse else out
 
 
+def _xla_alias(impl: registry.Implementation | None, call: AttentionCall):
+    """``"xla"`` (``jax.nn``'s name for its XLA path) -> ``"xla_chunked"``, or ``"reference"``
+    where the chunked path cannot run the call."""
+    if impl is None or impl.name != "xla":
+        return impl
+    chunked = next(b for b in registry.backends(PRIMITIVE) if b.name == "xla_chunked")
+    name = "xla_chunked" if chunked.supports(call) is None else "reference"
+    return dataclasses.replace(impl, name=name) if name == "xla_chunked" else \
+        registry.Implementation(name)
+
+
 def explain(*args, **kwargs) -> registry.Explanation:
     """Same arguments as :func:`dot_product_attention` (``implementation`` is ignored): which
     implementation ``None`` would run and each other's reason for refusal."""
     kwargs.pop("implementation", None)
+    if kwargs.pop("return_residual", False):
+        kwargs["return_lse"] = True
     call, _ = make_call(*args, **kwargs)
     return registry.explain(PRIMITIVE, call)

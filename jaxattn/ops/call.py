@@ -230,6 +230,34 @@ def _bind_segment_ids(query_segment_ids, kv_segment_ids, b: int, t: int, s: int)
     return query_segment_ids, kv_segment_ids
 
 
+def _length_mask(query_seq_lengths, key_value_seq_lengths, b: int):
+    """``jax.nn``'s ``query_seq_lengths`` / ``key_value_seq_lengths`` (int ``[B]``) as a
+    :class:`jaxattn.masks.LengthMask`, or None."""
+    if query_seq_lengths is None and key_value_seq_lengths is None:
+        return None
+    for name, lengths in (("query_seq_lengths", query_seq_lengths),
+                          ("key_value_seq_lengths", key_value_seq_lengths)):
+        if lengths is None:
+            continue
+        if not hasattr(lengths, "dtype"):
+            raise TypeError(f"{name} must be an int array of shape [B] = ({b},), got "
+                            f"{type(lengths).__name__}")
+        if tuple(lengths.shape) != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an int array of shape [B] = ({b},), got "
+                             f"{describe(lengths)}")
+    return masks_lib.LengthMask(kv_lengths=key_value_seq_lengths, q_lengths=query_seq_lengths)
+
+
+def _window_mask(local_window_size):
+    """``jax.nn``'s ``local_window_size`` (``w`` or ``(left, right)``) as a
+    :class:`jaxattn.masks.LocalMask`, or None."""
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, list):
+        local_window_size = tuple(local_window_size)
+    return masks_lib.LocalMask(local_window_size)
+
+
 def _check_scalars(n: int, logits_soft_cap, sinks, dropout_rate, dropout_rng) -> None:
     """Soft-cap, sinks ``[N]`` and dropout arguments."""
     if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -261,6 +289,9 @@ def make_call(
     dropout_rate=0.0,
     dropout_rng=None,
     return_lse=False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
 ) -> tuple[AttentionCall, bool]:
     """Validate arguments and build an :class:`AttentionCall`. Returns ``(call, squeezed)``
     where ``squeezed`` says the inputs were rank 3 (no batch) and outputs must drop the batch.
@@ -288,6 +319,10 @@ def make_call(
     if is_causal:
         causal = masks_lib.CausalMask()
         mask = causal if mask is None else mask & causal
+    for extra in (_length_mask(query_seq_lengths, key_value_seq_lengths, b),
+                  _window_mask(local_window_size)):
+        if extra is not None:
+            mask = extra if mask is None else mask & extra
     query_segment_ids, kv_segment_ids = _bind_segment_ids(query_segment_ids, kv_segment_ids,
                                                           b, t, s)
     if scale is None:
