@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "zoology": "experiments.zoology.experiment",
     "nat_digits": "experiments.nat_digits.experiment",
     "moh": "experiments.moh.experiment",
+    "tensor_attention": "experiments.tensor_attention.experiment",
 }
 
 

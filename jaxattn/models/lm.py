@@ -3,8 +3,10 @@
 ``tokens [B, L]`` -> embeddings (+ learned absolute positions, optional) -> dropout -> layers of
 pre-norm blocks ``x = x + mixer(LN(x))`` (``+ MLP(LN(x))`` when ``mlp_ratio > 0``) -> final
 LayerNorm -> hidden ``[B, L, D]``; :meth:`DecoderLM.logits` applies the tied (or separate) output
-head. Every mixer is built causal. Zoology's MQAR harness is this model with no MLP and the
-embedding tied to the head (``experiments/zoology/model.py``).
+head. Every mixer is built causal unless ``LMConfig.causal`` is False, which makes the same stack
+a bidirectional token encoder (e.g. per-token classification of a synthetic task). Zoology's MQAR
+harness is this model with no MLP and the embedding tied to the head
+(``experiments/zoology/model.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class LMConfig:
     tie_embeddings: bool = True
     embed_init_std: float = 0.02
     dropout: float = 0.0  # on the embeddings
+    causal: bool = True  # False: bidirectional mixers (an encoder over tokens)
 
 
 class DecoderLM(nnx.Module):
@@ -47,7 +50,7 @@ class DecoderLM(nnx.Module):
                     if cfg.learned_positions else None)
         self.norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in cfg.mixers])
         self.mixers = nnx.List([
-            build_mixer(m, features=d, num_heads=cfg.num_heads, causal=True, rngs=rngs)
+            build_mixer(m, features=d, num_heads=cfg.num_heads, causal=cfg.causal, rngs=rngs)
             for m in cfg.mixers])
         self.mlp_norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in cfg.mixers]
                                   if cfg.mlp_ratio else [])
