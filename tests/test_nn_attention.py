@@ -31,6 +31,21 @@ def test_matches_flax_multihead_attention():
     assert max_err(ours(x, mask=M.CausalMask()), expect) < F32_ATOL
 
 
+def test_flax_positional_arguments_build_the_same_gqa_layer():
+    """``(num_heads, in_features, qkv_features, out_features, num_kv_heads)`` positionally, as
+    flax reads them: the same parameter shapes and, with parameters copied, the same output."""
+    ours = MultiHeadAttention(4, 16, 32, 8, 2, rngs=nnx.Rngs(0))
+    theirs = nnx.MultiHeadAttention(4, 16, 32, 8, 2, decode=False, rngs=nnx.Rngs(1))
+    for name in ("query", "key", "value", "out"):
+        flax_kernel = getattr(theirs, name).kernel
+        assert getattr(ours, f"{name}_kernel").shape == flax_kernel.shape, name
+        flax_kernel[...] = getattr(ours, f"{name}_kernel")[...]
+    x = jax.random.normal(jax.random.key(2), (2, 7, 16))
+    with jax.numpy_dtype_promotion("standard"):  # flax's own layer promotes implicitly
+        expect = theirs(x, deterministic=True)
+    assert max_err(ours(x), expect) < F32_ATOL
+
+
 def test_gqa_cross_attention_shapes_and_param_names():
     m = MultiHeadAttention(8, 24, qkv_features=32, in_kv_features=12, num_kv_heads=2,
                            rngs=nnx.Rngs(0))

@@ -31,13 +31,14 @@ default_bias_init = nnx.initializers.zeros_init()
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
 
-    Constructor arguments follow ``flax.nnx.MultiHeadAttention`` (``num_heads, in_features,
-    qkv_features, out_features, in_kv_features, dtype, param_dtype, dropout_rate, deterministic,
-    kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, attention_fn, decode,
-    normalize_qk, rngs``) plus:
+    Constructor arguments follow ``flax.nnx.MultiHeadAttention`` (positional ``num_heads,
+    in_features, qkv_features, out_features, num_kv_heads, in_kv_features``, then keyword
+    ``dtype, param_dtype, dropout_rate, deterministic, kernel_init, out_kernel_init, bias_init,
+    out_bias_init, use_bias, attention_fn, decode, normalize_qk, rngs``) plus:
 
     Args:
-      num_kv_heads: key/value heads ``K`` (``num_heads % K == 0``); default ``num_heads``.
+      num_kv_heads: key/value heads ``K`` (``num_heads % K == 0``); default ``num_heads``
+        (flax's fifth positional argument, as there).
       rope_theta: apply rotary embeddings to q and k with this base (None: no RoPE).
       is_causal: causal self-attention (also required for decoding).
       mask: a default :class:`jaxattn.masks.Mask` ANDed with the call's mask.
@@ -63,9 +64,9 @@ class MultiHeadAttention(nnx.Module):
         in_features: int,
         qkv_features: int | None = None,
         out_features: int | None = None,
+        num_kv_heads: int | None = None,
         in_kv_features: int | None = None,
         *,
-        num_kv_heads: int | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         dropout_rate: float = 0.0,
