@@ -87,7 +87,7 @@ def main() -> None:
             print(f"| {r['n']} | {r['impl']} | skipped (logits > 2 GiB) | | | |")
             continue
         print(f"| {r['n']} | {r['impl']} | {r['seconds']:.4f} | "
-              f"{r['seconds'] / base['seconds']:.3f} | {r['peak_mib']:.1f} | "
+              f"{r['seconds'] / base['seconds']:.3g} | {r['peak_mib']:.1f} | "
               f"{r['max_err']:.1e} |")
     print()
     for name in ("xla_chunked", "polynomial g=2", "polynomial g=4"):
