@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "nat_digits": "experiments.nat_digits.experiment",
     "moh": "experiments.moh.experiment",
     "tensor_attention": "experiments.tensor_attention.experiment",
+    "random_features": "experiments.random_features.experiment",
 }
 
 

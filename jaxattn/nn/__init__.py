@@ -35,6 +35,7 @@ from jaxattn.nn.neighborhood import (
     NeighborhoodAttention3D,
     NeighborhoodMixer,
 )
+from jaxattn.nn.random_features import FrozenWeight, RandomFeatureAttention
 from jaxattn.nn.rope import apply_rope
 from jaxattn.nn.sigmoid_lookup import SigmoidLookupAttention
 from jaxattn.nn.tensor_attention import TensorAttention
@@ -45,6 +46,7 @@ __all__ = [
     "AuxLoss",
     "BaseConv",
     "BasedLinearAttention",
+    "FrozenWeight",
     "MixerSpec",
     "MoHAttention",
     "MultiHeadAttention",
@@ -53,6 +55,7 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "NeighborhoodMixer",
+    "RandomFeatureAttention",
     "SigmoidLookupAttention",
     "TensorAttention",
     "TokenMixer",
