@@ -4,7 +4,7 @@ the text, digits and tfds sources."""
 import numpy as np
 import pytest
 
-from jaxattn.train.data import eval_batches, train_dataset
+from jaxattn.train.data import Prefetcher, eval_batches, train_dataset
 from jaxattn.train.sources import CharTextSource, DigitsSource, MQARSource, TfdsSource
 
 
@@ -119,3 +119,48 @@ def test_tfds_source_through_grain_with_mock_data():
         batch = ds[2]
         assert batch["image"].shape == (8, 28, 28, 1) and batch["image"].dtype == np.float32
         np.testing.assert_array_equal(ds[2]["label"], batch["label"])
+
+
+# ---- background prefetch ---------------------------------------------------------------------
+
+
+class _Indexed:
+    """``ds[i] -> {"i": [i]}``; raises at ``fail_at``."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at, self.reads = fail_at, []
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise KeyError(f"bad record {i}")
+        self.reads.append(i)
+        return {"i": np.array([i])}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_yields_the_dataset_in_order(depth):
+    ds = _Indexed()
+    pf = Prefetcher(ds, 5, 12, depth=depth)
+    try:
+        got = [int(pf.get(s)["i"][0]) for s in range(5, 12)]
+    finally:
+        pf.close()
+    assert got == list(range(5, 12)) and sorted(ds.reads) == list(range(5, 12))
+    assert pf.wait_seconds >= 0.0
+    with pytest.raises(ValueError, match="expected step 12, got 3"):
+        pf.get(3)
+
+
+def test_prefetcher_raises_at_the_failing_step_and_close_stops_early():
+    pf = Prefetcher(_Indexed(fail_at=2), 0, 10, depth=2)
+    assert int(pf.get(0)["i"][0]) == 0 and int(pf.get(1)["i"][0]) == 1
+    with pytest.raises(KeyError, match="bad record 2"):
+        pf.get(2)
+    pf.close()
+    ds = _Indexed()
+    pf = Prefetcher(ds, 0, 10**9, depth=2)  # an endless run closed after one step
+    pf.get(0)
+    pf.close()
+    assert not pf._thread.is_alive() and len(ds.reads) <= 5
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(ds, 0, 1, depth=-1)

@@ -220,7 +220,8 @@ def run_sweep(cfg: ExperimentConfig, *, verbose: bool = True) -> list[dict[str, 
             acc = res.eval_metrics.get("accuracy", float("nan"))
             rec = {"length": length, "kv_pairs": kv, "model": model, "width": width,
                    "lr": lr, "accuracy": acc, "steps": res.step,
-                   "seconds": round(res.seconds, 1)}
+                   "seconds": round(res.seconds, 1),
+                   "input_wait_s": round(res.input_wait_seconds, 1)}
             if verbose:
                 print(json.dumps(rec), flush=True)
             if best is None or acc > best["accuracy"]:

@@ -66,6 +66,7 @@ class RunConfig:
     async_save: bool = True
     precision: str = "f32"  # "f32" | "bf16" (bf16 compute, f32 params and optimizer state)
     progress: bool = True
+    prefetch: int = 2  # batches read ahead by a background thread (0: synchronous)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@ no iterator state to checkpoint.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,7 @@ import grain
 import jax
 import numpy as np
 
-__all__ = ["eval_batches", "global_batch", "train_dataset"]
+__all__ = ["Prefetcher", "eval_batches", "global_batch", "train_dataset"]
 
 
 def _process_shard(source: Any, process_index: int | None, process_count: int | None):
@@ -63,3 +66,73 @@ def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) 
     """Assemble per-process numpy batches into global arrays sharded along axis 0."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+class Prefetcher:
+    """``dataset[start], dataset[start + 1], ...`` prepared by one background thread, at most
+    ``depth`` batches ahead, so the host builds step ``t + 1``'s batch while the device runs step
+    ``t`` (XLA releases the GIL while it computes). ``depth=0`` reads synchronously.
+
+    :meth:`get` must be called with consecutive steps; an exception raised while reading is
+    re-raised there, at the step that failed. ``wait_seconds`` is the time :meth:`get` spent
+    blocked (with ``depth=0``: the whole read time), i.e. the input pipeline's cost to the loop.
+    """
+
+    def __init__(self, dataset: Any, start: int, stop: int, depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self._dataset, self._next, self.depth = dataset, start, depth
+        self.wait_seconds = 0.0
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._work, args=(start, stop), daemon=True,
+                                            name="jaxattn-prefetch")
+            self._thread.start()
+
+    def _work(self, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            if self._stop.is_set():
+                return
+            try:
+                item = (i, self._dataset[i], None)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+                item = (i, None, err)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of ``step`` (the step after the previous call's)."""
+        if step != self._next:
+            raise ValueError(f"Prefetcher expected step {self._next}, got {step}")
+        self._next += 1
+        t0 = time.perf_counter()
+        if self._thread is None:
+            batch = self._dataset[step]
+            self.wait_seconds += time.perf_counter() - t0
+            return batch
+        i, batch, err = self._queue.get()
+        self.wait_seconds += time.perf_counter() - t0
+        if err is not None:
+            raise err
+        if i != step:  # cannot happen with consecutive calls; guard against silent misorder
+            raise RuntimeError(f"prefetched batch {i} arrived for step {step}")
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread (pending batches are dropped)."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()

@@ -38,7 +38,7 @@ from jaxattn.nn.mixer import capture_aux_losses, total_aux_loss
 from jaxattn.parallel.logical import MeshConfig, make_mesh
 from jaxattn.train.checkpoint import Checkpointer, abstract_like
 from jaxattn.train.config import ExperimentConfig, OptimConfig, RunConfig
-from jaxattn.train.data import eval_batches, global_batch, train_dataset
+from jaxattn.train.data import Prefetcher, eval_batches, global_batch, train_dataset
 from jaxattn.train.metrics import MetricsWriter, ProgressBar
 from jaxattn.train.optim import make_optimizer
 
@@ -95,6 +95,7 @@ class TrainResult:
     resumed_from: int | None
     stopped_early: bool
     seconds: float
+    input_wait_seconds: float = 0.0  # time the loop waited for training batches
 
 
 # ---- mesh and shardings -----------------------------------------------------------------------
@@ -486,10 +487,11 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
     bar = ProgressBar(run.steps, initial=step, enabled=run.progress, desc=desc)
     evaluate = functools.partial(_evaluate, eval_jit, task.eval_source, run, batch_sh)
     progress = _Progress(last_saved=resumed_from)
+    batches = Prefetcher(dataset, step, run.steps, depth=run.prefetch)
     try:
         while step < run.steps:
-            state, metrics = _train_step(train_jit, state, global_batch(dataset[step], batch_sh),
-                                         step)
+            state, metrics = _train_step(train_jit, state,
+                                         global_batch(batches.get(step), batch_sh), step)
             step += 1
             progress.record(step, metrics)
             for cb in callbacks:
@@ -508,6 +510,7 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
         if eval_jit is not None and (last.get("split") != "eval" or last["step"] != step):
             _log_eval(progress, step, evaluate(state), writer)
     finally:
+        batches.close()
         bar.close()
         writer.close()
         if ckpt is not None:
@@ -522,4 +525,5 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
         resumed_from=resumed_from,
         stopped_early=progress.stopped_early,
         seconds=time.time() - t0,
+        input_wait_seconds=batches.wait_seconds,
     )
