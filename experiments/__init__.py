@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "moh": "experiments.moh.experiment",
     "tensor_attention": "experiments.tensor_attention.experiment",
     "random_features": "experiments.random_features.experiment",
+    "icl_regression": "experiments.icl_regression.experiment",
 }
 
 
