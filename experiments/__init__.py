@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "tensor_attention": "experiments.tensor_attention.experiment",
     "random_features": "experiments.random_features.experiment",
     "icl_regression": "experiments.icl_regression.experiment",
+    "combiner": "experiments.combiner.experiment",
 }
 
 

@@ -7,6 +7,7 @@ are, here); :func:`make_mixer` builds one by name (see :mod:`jaxattn.nn.mixer`).
 from jaxattn.nn import (  # noqa: F401  (register mixers)
     baseconv,
     based,
+    combiner,
     moh,
     sigmoid_lookup,
     tensor_attention,
