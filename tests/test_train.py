@@ -319,3 +319,40 @@ def test_without_sown_aux_losses_the_metrics_are_unchanged():
     assert logged["grad_norm"] == pytest.approx(np.linalg.norm(AUX_C), rel=1e-6)
     with pytest.raises(ValueError, match="aux_loss"):
         _aux_run(_aux_task(metrics=lambda y: {"aux_loss": jnp.mean(y)}), 1.0)
+
+
+class _SharedBufferNet(nnx.Module):
+    """Two non-parameter Variables holding the *same* array object (as a module storing one
+    initial array as both a running estimate and its sum would)."""
+
+    def __init__(self):
+        w0 = jnp.linspace(-1.0, 1.0, 4)
+        self.w = nnx.Param(jnp.ones(4))
+        self.anchor = nnx.Variable(w0)
+        self.twin = nnx.Variable(w0)
+
+    def __call__(self, x):
+        return x @ self.w[...] + 0.0 * jnp.sum(self.anchor[...] + self.twin[...])
+
+
+def test_state_leaves_sharing_one_array_are_copied_before_donation():
+    """On an 8-device mesh, jax.device_put(may_alias=False) of a tree whose leaves are one array
+    keeps one buffer, and a jit donating that tree crashed XLA CPU (seen with the routing
+    mixer's k-means state); the loop gives every leaf its own array first (``_unshared``)."""
+    from jaxattn.train.loop import _unshared
+
+    a, b = jnp.arange(3.0), jnp.ones(2)
+    (t1, t2) = _unshared({"x": a, "y": a, "z": b}, {"w": b, "n": 3})
+    leaves = [t1["x"], t1["y"], t1["z"], t2["w"]]
+    assert len({id(x) for x in leaves}) == 4 and t1["x"] is a and t1["z"] is b
+    assert np.array_equal(t1["y"], a) and np.array_equal(t2["w"], b) and t2["n"] == 3
+    # and a model holding one array in two Variables trains on the default mesh
+    task = Task(make_model=lambda rngs: _SharedBufferNet(),
+                loss_fn=lambda model, batch, rngs: (jnp.mean(model(batch["x"])), {}),
+                train_source=_ConstSource())
+    cfg = ExperimentConfig(model=None, data=None,
+                           run=RunConfig(steps=2, batch_size=8, progress=False))
+    res = train(cfg, task)
+    assert res.step == 2
+    anchor = np.asarray(nnx.state(res.model)["anchor"][...])
+    assert np.array_equal(anchor, np.linspace(-1.0, 1.0, 4).astype(np.float32))

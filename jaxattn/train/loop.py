@@ -288,6 +288,24 @@ def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: Ru
 _STATE_KEYS = ("params", "opt_state", "rest")  # the train state (and checkpoint) layout
 
 
+def _unshared(*trees):
+    """``trees`` with every array leaf that is the same object as an earlier leaf replaced by a
+    copy. Two state leaves sharing one buffer (e.g. a module storing one initial array in two
+    Variables) would be donated twice by the train step; ``device_put(..., may_alias=False)``
+    does not copy them on a multi-device mesh (jax 0.10), and XLA CPU then crashes."""
+    seen: set[int] = set()
+
+    def fresh(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return tuple(jax.tree.map(fresh, t) for t in trees)
+
+
 def _init_state(task: Task, seed: int, tx: optax.GradientTransformation,
                 mesh: jax.sharding.Mesh, rules: tuple):
     """Build the model and split it: ``(graphdef, state, shardings)`` with ``state`` and
@@ -296,6 +314,7 @@ def _init_state(task: Task, seed: int, tx: optax.GradientTransformation,
     model = task.make_model(nnx.Rngs(params=seed, dropout=seed + 1))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
+    params, rest = _unshared(params, rest)
     repl = NamedSharding(mesh, P())
     p_sh = _leaf_shardings(params, param_shardings(params, mesh, rules))
     r_sh = jax.tree.map(lambda _: repl, rest)
