@@ -9,6 +9,7 @@ from jaxattn.nn import (  # noqa: F401  (register mixers)
     based,
     combiner,
     moh,
+    routing,
     sigmoid_lookup,
     tensor_attention,
 )
