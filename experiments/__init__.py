@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "random_features": "experiments.random_features.experiment",
     "icl_regression": "experiments.icl_regression.experiment",
     "combiner": "experiments.combiner.experiment",
+    "routing": "experiments.routing.experiment",
 }
 
 

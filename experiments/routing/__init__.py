@@ -1,0 +1,1 @@
+"""Routing Transformer (Roy et al., 2021): long-distance associative recall."""
