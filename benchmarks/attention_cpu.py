@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxattn
+from jaxattn.train.metrics import best_seconds, peak_bytes
 
 # Dense paths materialise [N, L, L] f32 logits several times over; above this compiled size we
 # report the memory XLA asks for and do not run them (the machine has 24 GiB).
@@ -34,21 +35,6 @@ RUN_LIMIT_BYTES = 6 << 30
 
 def _compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile()
-
-
-def _peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.output_size_in_bytes)
-
-
-def _time(compiled, *args, reps=3) -> float:
-    jax.block_until_ready(compiled(*args))  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _candidates(causal: bool):
@@ -73,8 +59,8 @@ def bench_forward(lengths, heads=8, head_dim=64):
             base_t = base_m = None
             for name, fn in _candidates(causal).items():
                 compiled = _compiled(fn, q, k, v)
-                mem = _peak_bytes(compiled)
-                t = _time(compiled, q, k, v, reps=2 if length > 4096 else 3) if (
+                mem = peak_bytes(compiled)
+                t = best_seconds(compiled, q, k, v, repeats=2 if length > 4096 else 3) if (
                     mem <= RUN_LIMIT_BYTES) else None
                 if name == "jax.nn":
                     base_t, base_m = t, mem

@@ -19,13 +19,13 @@ address.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
 import jaxattn
 from jaxattn.nn import combiner as C
+from jaxattn.train.metrics import best_seconds, peak_bytes
 
 B, N, H = 1, 4, 16
 
@@ -45,16 +45,10 @@ def measure(length: int, name: str, fn, repeats: int, max_run_bytes: float):
             for i in range(3)]
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
-    nbytes = mem.temp_size_in_bytes + mem.output_size_in_bytes
+    nbytes = peak_bytes(compiled)
     ms = None
     if mem.temp_size_in_bytes < max_run_bytes:
-        jax.block_until_ready(compiled(*args))
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            best = min(best, time.perf_counter() - t)
-        ms = 1e3 * best
+        ms = 1e3 * best_seconds(compiled, *args, repeats=repeats)
     return dict(name=name, L=length, mem_mib=nbytes / 2 ** 20, ms=ms)
 
 

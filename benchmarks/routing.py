@@ -14,33 +14,18 @@ analysis, temporaries + outputs), printed as ratios routing / full. Routing's wo
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 
 import jaxattn
 from jaxattn.nn.routing import routing_attention, scale_free_layer_norm
+from jaxattn.train.metrics import best_seconds, peak_bytes
 
 N, H, WINDOW = 2, 64, 256
 
 
 def _compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile()
-
-
-def _bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.output_size_in_bytes)
-
-
-def _time(compiled, *args, reps: int = 3) -> float:
-    jax.block_until_ready(compiled(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -59,8 +44,8 @@ def main() -> None:
                          q, v)
         rout = _compiled(lambda q, v, mu: routing_attention(q, q, v, mu, window=WINDOW,
                                                             is_causal=True), q, v, mu)
-        tf, tr = _time(full, q, v), _time(rout, q, v, mu)
-        mf, mr = _bytes(full), _bytes(rout)
+        tf, tr = best_seconds(full, q, v), best_seconds(rout, q, v, mu)
+        mf, mr = peak_bytes(full), peak_bytes(rout)
         print(f"{length:<6d} {c:<3d} {tf * 1e3:8.2f} {tr * 1e3:10.2f} {tr / tf:10.3f} "
               f"{mf / 2**20:9.1f} {mr / 2**20:11.1f} {mr / mf:10.3f}", flush=True)
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxattn
+from jaxattn.train.metrics import best_seconds, peak_bytes
 
 REFERENCE_LIMIT_BYTES = 2 << 30
 HEAD_DIM = 4
@@ -44,15 +44,7 @@ def _fn(impl: str, degree: int | None):
 
 def _measure(fn, args, reps: int = 3) -> tuple[float, int]:
     compiled = jax.jit(fn).lower(*args).compile()
-    m = compiled.memory_analysis()
-    peak = int(m.temp_size_in_bytes + m.output_size_in_bytes) if m is not None else -1
-    jax.block_until_ready(compiled(*args))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best, peak
+    return best_seconds(compiled, *args, repeats=reps), peak_bytes(compiled)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from jaxattn import masks as masks_lib
 from jaxattn.models import DecoderLM, LMConfig, MixerConfig
 from jaxattn.nn import combiner as combiner_lib
 from jaxattn.train import ExperimentConfig, OptimConfig, RunConfig, Task, train
-from jaxattn.train.metrics import format_table
+from jaxattn.train.metrics import best_seconds, format_table, peak_bytes
 
 NAME = "combiner"
 DESCRIPTION = "Combiner vs full and sparse-Fixed attention: position retrieval, cost vs L"
@@ -246,16 +246,9 @@ def cost_sweep(sw: SweepConfig, heads: int = 4, head_dim: int = 16) -> list[dict
                 for i in range(3)]
         for name, fn in fns.items():
             compiled = jax.jit(fn).lower(*args).compile()
-            mem = compiled.memory_analysis()
-            jax.block_until_ready(compiled(*args))
-            best = float("inf")
-            for _ in range(sw.cost_repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
-                best = min(best, time.perf_counter() - t)
+            best = best_seconds(compiled, *args, repeats=sw.cost_repeats)
             rows.append(dict(name=name, L=length, ms=1e3 * best,
-                             mem_mib=(mem.temp_size_in_bytes + mem.output_size_in_bytes)
-                             / 2 ** 20))
+                             mem_mib=peak_bytes(compiled) / 2 ** 20))
     return rows
 
 

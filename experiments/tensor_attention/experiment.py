@@ -34,7 +34,7 @@ from jaxattn.core import tensor as tensor_lib
 from jaxattn.core.tensor_chunked import tensor_attention_chunked
 from jaxattn.models import DecoderLM, LMConfig, MixerConfig
 from jaxattn.train import ExperimentConfig, OptimConfig, RunConfig, Task, train
-from jaxattn.train.metrics import format_table
+from jaxattn.train.metrics import best_seconds, format_table
 from jaxattn.train.sources.match3 import Match3Source
 
 NAME = "tensor_attention"
@@ -180,16 +180,6 @@ def approximation_errors(sw: SweepConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _seconds(fn, args, repeats: int = 3) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def approximation_times(sw: SweepConfig) -> list[dict[str, Any]]:
     """Best-of-3 wall time of the exact chunked path and the polynomial method vs length (the
     exact path only up to ``approx_time_lengths``: it grows as ``n^3``)."""
@@ -199,8 +189,8 @@ def approximation_times(sw: SweepConfig) -> list[dict[str, Any]]:
     rows = []
     for n in sw.approx_time_lengths + sw.approx_polynomial_only_lengths:
         args = _uniform_inputs(1, n, h, 0.5)
-        exact = _seconds(exact_fn, args) if n in sw.approx_time_lengths else None
-        poly = _seconds(poly_fn, args)
+        exact = best_seconds(exact_fn, *args) if n in sw.approx_time_lengths else None
+        poly = best_seconds(poly_fn, *args)
         rows.append(dict(length=n, exact_s=exact, polynomial_s=poly,
                          exact_over_polynomial=None if exact is None else exact / poly))
     return rows

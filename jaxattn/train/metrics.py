@@ -15,7 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["MetricsWriter", "ProgressBar", "format_table", "plot_lines"]
+__all__ = ["MetricsWriter", "ProgressBar", "best_seconds", "format_table", "peak_bytes",
+           "plot_lines"]
 
 
 def _scalar(value: Any) -> float:
@@ -135,3 +136,25 @@ def plot_lines(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def best_seconds(fn, *args, repeats: int = 3) -> float:
+    """Best wall time in seconds of ``repeats`` calls ``fn(*args)`` after one warm-up call (the
+    compile), each synchronised with ``jax.block_until_ready``: the timing every benchmark and
+    experiment cost table uses."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_bytes(compiled) -> int:
+    """Temporaries + outputs of a compiled program (``jax.jit(f).lower(...).compile()``), as
+    XLA's memory analysis reports them."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.output_size_in_bytes)
