@@ -15,12 +15,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import dot_product_attention
+from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel.logical import constrain
 
 __all__ = ["MultiHeadAttention"]
@@ -152,7 +154,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _project(self, x, kernel, bias):
         dtype = self._compute_dtype(x)
-        y = jnp.einsum("bld,dnh->blnh", x.astype(dtype), kernel[...].astype(dtype))
+        y = _contract("bld,dnh->blnh", x.astype(dtype), kernel[...].astype(dtype))
         if bias is not None:
             y = y + bias[...].astype(dtype)
         return y
@@ -331,10 +333,22 @@ class MultiHeadAttention(nnx.Module):
             out = out * head_weights[..., None].astype(out.dtype)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         dtype = self._compute_dtype(out)
-        y = jnp.einsum("btnh,nho->bto", out.astype(dtype), self.out_kernel[...].astype(dtype))
+        y = _contract("btnh,nho->bto", out.astype(dtype), self.out_kernel[...].astype(dtype))
         if self.use_bias:
             y = y + self.out_bias[...].astype(dtype)
         return y
+
+
+def _contract(subscripts: str, x, w):
+    """``jnp.einsum(subscripts, x, w)``; when ``x`` or ``w`` carries Explicit mesh axes in its
+    type, computed on Auto axes and returned sharded like ``x`` over batch and length (the
+    contraction over a sharded heads / embed axis has no unambiguous sharding otherwise)."""
+    mesh = explicit_mesh_of(x, w)
+    if mesh is None:
+        return jnp.einsum(subscripts, x, w)
+    rank = len(subscripts.split("->")[1])
+    spec = PartitionSpec(*explicit_spec(x)[:2], *(None,) * (rank - 2))
+    return in_auto_axes(jnp.einsum, mesh, spec, subscripts, x, w)
 
 
 def _make_attention(*, features, num_heads, causal, rngs, num_kv_heads: int | None = None,

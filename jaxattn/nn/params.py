@@ -15,8 +15,12 @@ def logical_param(rngs: nnx.Rngs, init: Callable, shape: tuple[int, ...], dtype:
                   names: tuple[str, ...]) -> nnx.Param:
     """A parameter ``init(key, shape, dtype)`` annotated with logical axis ``names``
     (``out_sharding`` metadata for :mod:`jaxattn.parallel` rules). It is created unsharded unless
-    flax's eager sharding is on inside a mesh context."""
-    eager = nnx.using_eager_sharding() and jax.sharding.get_abstract_mesh().axis_names != ()
+    flax's eager sharding is on inside a mesh context whose axes are those names (flax reads them
+    as mesh axes; logical names are mapped by the rules when the state is placed, e.g. by
+    :func:`jaxattn.parallel.state_shardings` or the training loop)."""
+    mesh_axes = jax.sharding.get_abstract_mesh().axis_names
+    eager = (nnx.using_eager_sharding() and mesh_axes != ()
+             and all(n is None or n in mesh_axes for n in names))
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=eager)
 
 

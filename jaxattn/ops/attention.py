@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
 from jaxattn.ops import backends as _backends  # noqa: F401  (registers every backend)
 from jaxattn.ops import registry
 from jaxattn.ops.call import ATTENTION, AttentionCall, make_call
+from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.typing import (
     Bias,
     BoolMask,
@@ -100,6 +102,11 @@ def dot_product_attention(
       ValueError / TypeError: on bad shapes or dtypes, naming the argument; ValueError when
         ``implementation`` names a backend that cannot run this call, saying why.
     """
+    explicit_mesh = explicit_mesh_of(query, key, value)
+    if explicit_mesh is not None:  # sharding in types: run the math on Auto axes
+        arguments = dict(locals())
+        del arguments["explicit_mesh"]
+        return _on_auto_axes(explicit_mesh, arguments)
     call, squeezed = make_call(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -118,6 +125,19 @@ def dot_product_attention(
         out = out[0]
         lse = None if lse is None else lse[0]
     return (out, lse) if return_lse else out
+
+
+def _on_auto_axes(mesh, arguments: dict):
+    """:func:`dot_product_attention` of ``arguments`` with the Explicit axes of ``mesh`` turned
+    Auto (:mod:`jaxattn.ops.explicit_axes`); the output is sharded like the query (its last
+    axis unsharded), the LSE like the query without its last axis."""
+    want_lse = arguments["return_lse"] or arguments["return_residual"]
+    arguments.update(return_lse=True, return_residual=False)
+    spec = tuple(explicit_spec(arguments["query"]))
+    out_spec = PartitionSpec(*spec[:-1], None)
+    out, lse = in_auto_axes(lambda **kw: dot_product_attention(**kw), mesh,
+                            (out_spec, PartitionSpec(*spec[:-1])), **arguments)
+    return (out, lse) if want_lse else out
 
 
 def _xla_alias(impl: registry.Implementation | None, call: AttentionCall):

@@ -36,8 +36,10 @@ from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
 from jaxattn.parallel.mesh_axes import (
     axes_size,
+    has_explicit_axes,
     pick_batch_axes,
     pick_head_axis,
+    place_like,
     shard_map,
     spec_axes,
 )
@@ -311,19 +313,31 @@ def _mask_parts(global_mask):
     return None, mask_def, [jnp.asarray(x) for x in leaves]
 
 
-def _balance_globally(lay: _Layout, q, k, v, q_seg, kv_seg, bias):
+def _balance_globally(lay: _Layout, mesh: Mesh, q, k, v, q_seg, kv_seg, bias):
     """Reorder what the shard-local relayout does not: the sequence (when it cannot be done
-    shard-locally) and the bias rows / columns (always, when balancing)."""
-    take = lambda x, perm, ax: jnp.take(x, jnp.asarray(perm), axis=ax)
+    shard-locally) and the bias rows / columns (always, when balancing). On meshes with Explicit
+    axes the gathered arrays are first made whole along the sequence (a gather along a sharded
+    axis has no unambiguous output sharding there)."""
+    explicit = has_explicit_axes(mesh)
+    whole = P(lay.batch_spec, None, lay.head_axis, None)
+
+    def take(x, perm, ax, spec):
+        if explicit:
+            x = place_like(x, spec, mesh)
+        return jnp.take(x, jnp.asarray(perm), axis=ax)
+
     if lay.global_balance is not None:
-        q, k, v = take(q, lay.q_perm, 1), take(k, lay.kv_perm, 1), take(v, lay.kv_perm, 1)
+        q, k, v = (take(x, perm, 1, whole) for x, perm in
+                   ((q, lay.q_perm), (k, lay.kv_perm), (v, lay.kv_perm)))
         if q_seg is not None:
-            q_seg, kv_seg = take(q_seg, lay.q_perm, 1), take(kv_seg, lay.kv_perm, 1)
+            seg_whole = P(lay.batch_spec, None)
+            q_seg = take(q_seg, lay.q_perm, 1, seg_whole)
+            kv_seg = take(kv_seg, lay.kv_perm, 1, seg_whole)
     if lay.load_balance is not None and bias is not None:
         if bias.shape[2] > 1:
-            bias = take(bias, lay.q_perm, 2)
+            bias = take(bias, lay.q_perm, 2, P())
         if bias.shape[3] > 1:
-            bias = take(bias, lay.kv_perm, 3)
+            bias = take(bias, lay.kv_perm, 3, P())
     return q, k, v, q_seg, kv_seg, bias
 
 
@@ -352,7 +366,7 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
     k, v = layout.expand_kv_heads(k, v, n, strat.kv_head_shards(lay))
     static_mask, mask_def, leaves = _mask_parts(call.mask)
     q, k, v, q_seg, kv_seg, bias = _balance_globally(
-        lay, q, k, v, call.q_segment_ids, call.kv_segment_ids, call.bias)
+        lay, mesh, q, k, v, call.q_segment_ids, call.kv_segment_ids, call.bias)
     n_loc = n // lay.head_shards
     st = _ring_static(call, lay, static_mask, mask_def, b // axes_size(mesh, lay.batch_axes), n_loc,
                       implementation)
@@ -370,9 +384,13 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
                     out_specs=(qkv_spec, P(lay.batch_spec, lay.axis, lay.head_axis)))
     out, lse = fn(q, k, v, jnp.asarray(lay.q_perm), jnp.asarray(lay.kv_perm), q_seg, kv_seg,
                   leaves, *bias_args)
-    if lay.global_balance is not None:
+    if lay.global_balance is not None:  # back to natural order, then sequence-sharded again
         inv = jnp.asarray(layout.inverse_permutation(lay.q_perm))
+        if has_explicit_axes(mesh):
+            out = place_like(out, P(lay.batch_spec, None, lay.head_axis, None), mesh)
+            lse = place_like(lse, P(lay.batch_spec, None, lay.head_axis), mesh)
         out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
+        out, lse = place_like(out, qkv_spec, mesh), place_like(lse, P(*qkv_spec[:3]), mesh)
     return out, lse
 
 

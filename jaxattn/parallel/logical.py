@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxattn.parallel.mesh_axes import place_like
+
 __all__ = [
     "MESH_AXES",
     "LOGICAL_AXES",
@@ -224,7 +226,7 @@ def constrain(x, names: Sequence[str | None]):
     if len(names) != x.ndim:
         raise ValueError(f"{len(names)} logical names {tuple(names)} for an array of rank {x.ndim}")
     rules, mesh = ctx
-    return jax.lax.with_sharding_constraint(x, logical_sharding(names, mesh, rules, x.shape))
+    return place_like(x, logical_to_spec(names, rules, mesh, x.shape), mesh)
 
 
 def state_shardings(state, mesh: Mesh, rules: Rules | None = None):

@@ -5,19 +5,106 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["axes_size", "pick_batch_axes", "pick_head_axis", "shard_map", "spec_axes"]
+__all__ = [
+    "auto_part",
+    "axes_size",
+    "explicit_part",
+    "has_explicit_axes",
+    "pick_batch_axes",
+    "pick_head_axis",
+    "place_like",
+    "reshard_to_specs",
+    "shard_map",
+    "spec_axes",
+]
 
 
 def shard_map(f, mesh, in_specs, out_specs):
-    """``jax.shard_map`` without replication checks (``jax.experimental`` before jax 0.7)."""
+    """``jax.shard_map`` without replication checks (``jax.experimental`` before jax 0.7).
+
+    On a mesh with Explicit axes (``jax.make_mesh``'s default) ``shard_map`` requires each input's
+    sharding to already match its ``in_specs`` entry; the returned function reshards the
+    arguments to their specs first, so callers pass global arrays of any sharding on any mesh
+    kind (Auto meshes reshard implicitly and are left alone)."""
     current = getattr(jax, "shard_map", None)
     if current is not None:
-        return current(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.7
+        mapped = current(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    else:
+        from jax.experimental.shard_map import shard_map as legacy  # jax < 0.7
 
-    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+        mapped = legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    if not has_explicit_axes(mesh):
+        return mapped
+
+    def resharded(*args):
+        return mapped(*reshard_to_specs(args, in_specs, mesh))
+
+    return resharded
+
+
+def has_explicit_axes(mesh) -> bool:
+    """Whether any axis of ``mesh`` is ``AxisType.Explicit`` (False on JAX without axis types)."""
+    return any(_axis_is_explicit(mesh).values())
+
+
+def reshard_to_specs(args, specs, mesh):
+    """``args`` with every array moved to ``NamedSharding(mesh, spec)`` of its entry in
+    ``specs`` (a pytree prefix of ``args`` whose leaves are ``PartitionSpec``s). Only the
+    Explicit axes of a spec are placed (``jax.sharding.reshard`` refuses Auto ones; shard_map
+    moves data along those itself)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+
+    def place(spec, sub):
+        target = NamedSharding(mesh, explicit_part(spec, mesh))
+        return jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, target), sub)
+
+    return tuple(jax.tree_util.tree_map(place, tuple(specs), tuple(args), is_leaf=is_spec))
+
+
+def explicit_part(spec: PartitionSpec, mesh) -> PartitionSpec:
+    """``spec`` keeping only the mesh axes of type Explicit (others become unsharded)."""
+    return _part_of_kind(spec, mesh, explicit=True)
+
+
+def auto_part(spec: PartitionSpec, mesh) -> PartitionSpec:
+    """``spec`` keeping only the mesh axes that are not Explicit."""
+    return _part_of_kind(spec, mesh, explicit=False)
+
+
+def _part_of_kind(spec: PartitionSpec, mesh, *, explicit: bool) -> PartitionSpec:
+    kinds = _axis_is_explicit(mesh)
+
+    def keep(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        return spec_axes(tuple(a for a in names if kinds[a] == explicit))
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def _axis_is_explicit(mesh) -> dict[str, bool]:
+    """Axis name -> whether it is Explicit where we are: the types of the current abstract mesh
+    when one with the same axes is set (inside ``jax.sharding.auto_axes`` Explicit axes are
+    Auto), else ``mesh``'s own."""
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    types = getattr(mesh, "axis_types", None) or (None,) * len(mesh.axis_names)
+    current = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    if current is not None and tuple(getattr(current, "axis_names", ())) == tuple(mesh.axis_names):
+        types = current.axis_types
+    return {a: t is not None and t == explicit for a, t in zip(mesh.axis_names, types, strict=True)}
+
+
+def place_like(x, spec: PartitionSpec, mesh):
+    """``x`` placed as ``spec`` on ``mesh`` of any axis kind: ``jax.sharding.reshard`` for the
+    Explicit axes (sharding in types), ``with_sharding_constraint`` for the Auto ones; on an Auto
+    mesh this is exactly ``with_sharding_constraint``."""
+    if has_explicit_axes(mesh):
+        x = jax.sharding.reshard(x, NamedSharding(mesh, explicit_part(spec, mesh)))
+        spec = auto_part(spec, mesh)
+        if all(e is None for e in spec):
+            return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def axes_size(mesh: Mesh, axes) -> int:

@@ -18,6 +18,7 @@ micro-batches like the loss when ``accumulate_steps > 1``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -36,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from jaxattn import parallel
 from jaxattn.nn.mixer import capture_aux_losses, total_aux_loss
 from jaxattn.parallel.logical import MeshConfig, make_mesh
+from jaxattn.parallel.mesh_axes import has_explicit_axes
 from jaxattn.train.checkpoint import Checkpointer, abstract_like
 from jaxattn.train.config import ExperimentConfig, OptimConfig, RunConfig
 from jaxattn.train.data import Prefetcher, eval_batches, global_batch, train_dataset
@@ -487,8 +489,17 @@ def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None =
     Raises:
       NonFiniteLossError: the loss became NaN/inf (checked before every save and log).
     """
-    run, t0 = cfg.run, time.time()
     mesh = _run_mesh(cfg.mesh) if mesh is None else mesh
+    # a mesh with Explicit axes (jax.make_mesh's default) needs JAX's mesh context for eager
+    # and jitted work on arrays whose sharding is part of their type
+    with jax.set_mesh(mesh) if has_explicit_axes(mesh) else contextlib.nullcontext():
+        return _train(cfg, task, mesh, callbacks, desc)
+
+
+def _train(cfg: ExperimentConfig, task: Task, mesh: jax.sharding.Mesh,
+           callbacks: Sequence[Callable[[int, dict[str, Any]], None]], desc: str) -> TrainResult:
+    """:func:`train` on a resolved mesh (inside its mesh context when it has Explicit axes)."""
+    run, t0 = cfg.run, time.time()
     rules = mesh_rules(cfg.mesh)
     batch_sh = batch_sharding(mesh, rules)
     _check_batch_split(run, cfg.optim.accumulate_steps, mesh, batch_sh)
