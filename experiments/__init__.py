@@ -21,6 +21,9 @@ REGISTRY: dict[str, str] = {
     "icl_regression": "experiments.icl_regression.experiment",
     "combiner": "experiments.combiner.experiment",
     "routing": "experiments.routing.experiment",
+    "moa": "experiments.moa.experiment",
+    "bam": "experiments.bam.experiment",
+    "uoe": "experiments.uoe.experiment",
 }
 
 

@@ -5,13 +5,16 @@ are, here); :func:`make_mixer` builds one by name (see :mod:`jaxattn.nn.mixer`).
 """
 
 from jaxattn.nn import (  # noqa: F401  (register mixers)
+    bam,
     baseconv,
     based,
     combiner,
+    moa,
     moh,
     routing,
     sigmoid_lookup,
     tensor_attention,
+    uoe,
 )
 from jaxattn.nn.attention import MultiHeadAttention
 from jaxattn.nn.baseconv import BaseConv
