@@ -21,7 +21,8 @@ Boolean convention: ``True`` means *may attend* (as in ``jax.nn.dot_product_atte
 
 Layout: :mod:`~jaxattn.masks.base` (the :class:`Mask` base class, :func:`register_mask`, array
 helpers), :mod:`~jaxattn.masks.composite` (:class:`CompositeMask` and ``&``/``|``/``~``),
-:mod:`~jaxattn.masks.library` (the concrete masks, :func:`as_mask`) and
+:mod:`~jaxattn.masks.library` (the concrete masks, :func:`as_mask`),
+:mod:`~jaxattn.masks.function` (:class:`FunctionMask`, a rule given as a Python function) and
 :mod:`~jaxattn.masks.blocks` (:class:`BlockInfo`, ``EMPTY``/``PARTIAL``/``FULL``). This package
 only re-exports.
 """
@@ -29,6 +30,7 @@ only re-exports.
 from jaxattn.masks.base import Mask, is_array, is_tracer, register_mask
 from jaxattn.masks.blocks import EMPTY, FULL, PARTIAL, BlockInfo
 from jaxattn.masks.composite import AndMask, CompositeMask, NotMask, OrMask
+from jaxattn.masks.function import FunctionMask
 from jaxattn.masks.library import (
     ArrayMask,
     CausalMask,
@@ -59,6 +61,7 @@ __all__ = [
     "ModalityMutualMask",
     "MultiHeadMask",
     "ArrayMask",
+    "FunctionMask",
     "AndMask",
     "OrMask",
     "NotMask",
