@@ -197,8 +197,8 @@ class _Tiles:
         q_idx = (qi * p.block_q + r // g)[None, None, :, None]
         k_idx = (kj * p.block_kv + jnp.arange(p.block_kv))[None, None, None, :]
         b_idx = jnp.arange(b)[:, None, None, None]
-        return dropout_lib.keep_mask(seed, b_idx, heads, q_idx, k_idx, self.st.dropout_rate,
-                                     kh * g)
+        return dropout_lib.keep_mask_of(seed, b_idx, heads, q_idx, k_idx,
+                                        self.st.dropout_rate, kh * g)
 
     def logits(self, qb, kb, qi, kj):
         """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, R, bk]."""
@@ -426,6 +426,7 @@ def chunked_attention(
     return_lse: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng=None,
+    dropout_index=None,
 ):
     """Online-softmax attention over tiles; memory linear in sequence length.
 
@@ -434,7 +435,9 @@ def chunked_attention(
     (rank 4), ``mask`` a :class:`jaxattn.masks.Mask` or boolean array, ``sinks [N]``.
     Unaligned lengths are padded to the tile grid and the padding is masked. Dropout uses the
     position-hash mask of :mod:`jaxattn.core.dropout`: for the same ``dropout_rng`` it drops
-    the same entries as the reference, whatever the tile sizes.
+    the same entries as the reference, whatever the tile sizes; ``dropout_index`` (a
+    :class:`jaxattn.core.dropout.DropoutIndex`) makes a shard of a larger call drop that call's
+    entries.
 
     Returns ``[B, T, N, Hv]`` (and the f32 LSE ``[B, T, N]`` with ``return_lse``).
     """
@@ -458,8 +461,9 @@ def chunked_attention(
     leaves, mask_def = jax.tree_util.tree_flatten(mask) if mask is not None else ([], None)
     leaves = [jnp.asarray(x) for x in leaves]
     seed = None
-    if dropout_rate > 0:
-        seed = dropout_lib.dropout_seed(dropout_rng)
+    if dropout_rate > 0:  # a DropoutIndex (a shard of a larger call) carries its own seed
+        seed = dropout_index if dropout_index is not None else \
+            dropout_lib.dropout_seed(dropout_rng)
     st = _Static(plan, scale, logits_soft_cap, mask_def, float(dropout_rate))
     out, lse = _attention(st, q, k, v, bias, sinks, leaves, seed)
     out = _from_rows(out, n)[:, :t]

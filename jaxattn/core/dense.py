@@ -80,11 +80,13 @@ def attention_reference(
     dropout_rate: float = 0.0,
     dropout_rng=None,
     return_lse: bool = False,
+    dropout_index=None,
 ):
     """Plain attention. Shapes: ``query [B, T, N, H]``, ``key [B, S, K, H]``,
     ``value [B, S, K, Hv]`` with ``N % K == 0``; ``bias`` broadcastable to ``[B, N, T, S]``;
     ``mask`` a :class:`jaxattn.masks.Mask` or boolean array broadcastable to ``[B, N, T, S]``;
-    ``sinks [N]``.
+    ``sinks [N]``. ``dropout_index``: a :class:`jaxattn.core.dropout.DropoutIndex` when this
+    call is a shard of a larger one (its seed replaces ``dropout_rng``).
 
     Returns ``[B, T, N, Hv]`` in ``query.dtype`` (and the f32 LSE ``[B, T, N]`` with
     ``return_lse``). Arguments are not validated here; :func:`jaxattn.dot_product_attention`
@@ -98,8 +100,9 @@ def attention_reference(
     if dropout_rate > 0.0:  # the position-hash mask every implementation shares
         bb, nn_, tt, ss = (jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
                            for i, d in enumerate(probs.shape))
-        keep = dropout_lib.keep_mask(dropout_lib.dropout_seed(dropout_rng), bb, nn_, tt, ss,
-                                     dropout_rate, n)
+        seed = dropout_index if dropout_index is not None else \
+            dropout_lib.dropout_seed(dropout_rng)
+        keep = dropout_lib.keep_mask_of(seed, bb, nn_, tt, ss, dropout_rate, n)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     pg = probs.reshape(b, k, n // k, t, -1)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskh->btkgh", pg, value.astype(jnp.float32))

@@ -54,6 +54,7 @@ def dot_product_attention(
     key_value_seq_lengths: jax.Array | None = None,
     local_window_size: int | tuple[int, int] | None = None,
     return_residual: bool = False,
+    dropout_index=None,
 ):
     """Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", 2017).
 
@@ -89,6 +90,10 @@ def dot_product_attention(
       local_window_size: ``w`` or ``(left, right)`` (as ``jax.nn``): query ``q`` sees keys
         ``q - left .. q + right`` (a :class:`jaxattn.masks.LocalMask` ANDed in).
       return_residual: ``jax.nn``'s name for ``return_lse``: also return the LSE ``[B, T, N]``.
+      dropout_index: for sharded callers: a :class:`jaxattn.core.dropout.DropoutIndex` giving
+        this call's place (batch / head offsets, global query / key positions, the seed) in the
+        larger call it is a shard of, so it drops exactly that call's entries
+        (``jaxattn.parallel`` uses it; the ``reference`` and ``xla_chunked`` backends take it).
 
     Differences from ``jax.nn.dot_product_attention`` (on purpose): a query row that sees no key
     (e.g. a mask row that is all False) returns zeros here; ``jax.nn`` returns the mean of the
@@ -113,7 +118,7 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap, sinks=sinks, dropout_rate=dropout_rate,
         dropout_rng=dropout_rng, return_lse=return_lse or return_residual,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
+        local_window_size=local_window_size, dropout_index=dropout_index,
     )
     return_lse = return_lse or return_residual
     impl = _xla_alias(registry.as_implementation(implementation), call)

@@ -143,6 +143,8 @@ class AttentionCall:
     platform: str
     block_q: int | None = None  # tile sizes from ``Implementation``; None = the backend default
     block_kv: int | None = None
+    # where this call's entries sit in a larger call it is a shard of (dropout only)
+    dropout_index: Any = None
 
     @property
     def shape(self) -> dict[str, int]:
@@ -292,6 +294,7 @@ def make_call(
     query_seq_lengths=None,
     key_value_seq_lengths=None,
     local_window_size=None,
+    dropout_index=None,
 ) -> tuple[AttentionCall, bool]:
     """Validate arguments and build an :class:`AttentionCall`. Returns ``(call, squeezed)``
     where ``squeezed`` says the inputs were rank 3 (no batch) and outputs must drop the batch.
@@ -327,6 +330,10 @@ def make_call(
                                                           b, t, s)
     if scale is None:
         scale = h**-0.5
+    if dropout_index is not None:
+        _check_dropout_index(dropout_index, dropout_rate, n, t, s)
+        if dropout_rng is None and dropout_rate > 0:
+            dropout_rng = "from dropout_index"  # its seed is used; the rng is never read
     _check_scalars(n, logits_soft_cap, sinks, dropout_rate, dropout_rng)
     call = AttentionCall(
         query=query, key=key, value=value, bias=bias, mask=mask,
@@ -334,8 +341,28 @@ def make_call(
         scale=float(scale) if not isinstance(scale, jax.core.Tracer) else scale,
         logits_soft_cap=logits_soft_cap, sinks=sinks, dropout_rate=float(dropout_rate),
         dropout_rng=dropout_rng, return_lse=return_lse, platform=platform_of(query),
+        dropout_index=dropout_index if dropout_rate > 0 else None,
     )
     return call, squeezed
+
+
+def _check_dropout_index(index, dropout_rate, n: int, t: int, s: int) -> None:
+    """A :class:`jaxattn.core.dropout.DropoutIndex` that fits a ``[B, T, N, S]`` call."""
+    from jaxattn.core.dropout import DropoutIndex
+
+    if not isinstance(index, DropoutIndex):
+        raise TypeError(f"dropout_index must be a DropoutIndex, got {type(index).__name__}")
+    if index.num_heads < n:
+        raise ValueError(f"dropout_index.num_heads ({index.num_heads}) is smaller than the "
+                         f"call's {n} query heads")
+    if tuple(jax.numpy.shape(index.seed)) != (2,):
+        raise ValueError(f"dropout_index.seed must be uint32 [2], got shape "
+                         f"{jax.numpy.shape(index.seed)}")
+    for name, want in (("q_positions", t), ("kv_positions", s)):
+        pos = getattr(index, name)
+        if pos is not None and tuple(jax.numpy.shape(pos)) != (want,):
+            raise ValueError(f"dropout_index.{name} must have shape [{want}], got "
+                             f"{tuple(jax.numpy.shape(pos))}")
 
 
 # ---- neighborhood_attention ------------------------------------------------------------------

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxattn import masks as masks_lib
+from jaxattn.core import dropout as dropout_lib
 from jaxattn.ops.call import make_call
 from jaxattn.parallel import layout
 from jaxattn.parallel.mesh_axes import (
@@ -48,6 +49,7 @@ from jaxattn.parallel.ring import (
     RingStatic,
     attend,
     dispatch_kind,
+    dropout_index,
     local_mask,
     ring_attention_local,
 )
@@ -231,22 +233,26 @@ def context_parallel_attention(
       batch_axes: mesh axes for the batch (default: ``data`` / ``fsdp`` where they divide B).
       head_axis: mesh axis for heads (default: ``tensor`` when it divides N); kv heads fewer
         than its size are replicated.
+      dropout_rate, dropout_rng: attention dropout; every device hashes the global (batch, head,
+        query, key) indices of its entries (:class:`jaxattn.core.dropout.DropoutIndex`), so
+        exactly the entries the unsharded call drops for the same rng are dropped, under every
+        strategy and load balancing (the per-device backend must take ``dropout_index``:
+        ``xla_chunked`` or ``reference``).
 
     Returns:
       ``[B, T, N, Hv]`` (and ``[B, T, N]`` with ``return_lse``).
 
     Raises:
       ValueError: lengths not divisible by the axis size (by twice it for zigzag), heads not
-        divisible for Ulysses, unknown strategy / axis, dropout.
+        divisible for Ulysses, unknown strategy / axis.
     """
     strat = _pick_strategy(strategy)
     _check_mesh_axis(mesh, axis)
-    if dropout_rate:
-        raise ValueError("context_parallel_attention does not implement attention dropout")
     call, squeezed = make_call(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
         query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
-        logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+        logits_soft_cap=logits_soft_cap, return_lse=return_lse, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
     if isinstance(call.scale, jax.core.Tracer):
         raise TypeError("scale must be a Python number for context_parallel_attention")
@@ -353,7 +359,9 @@ def _ring_static(call, lay: _Layout, static_mask, mask_def, b_loc: int, n_loc: i
         static_mask=static_mask, scale=call.scale, soft_cap=call.logits_soft_cap,
         implementation=implementation, head_axis=lay.head_axis if per_head else None,
         head_count=n_loc if per_head else None, batch_axes=lay.batch_axes if per_batch else (),
-        batch_count=b_loc,
+        batch_count=b_loc, dropout_rate=call.dropout_rate, dropout_heads=call.shape["N"],
+        dropout_batch_axes=lay.batch_axes, dropout_batch_count=b_loc,
+        dropout_head_axis=lay.head_axis, dropout_head_count=n_loc,
     )
 
 
@@ -378,12 +386,14 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
     bias_spec = [] if bias is None else [strat.bias_spec(bias, lay)]
     qkv_spec = P(lay.batch_spec, lay.axis, lay.head_axis, None)
     seg_spec, pos_spec = P(lay.batch_spec, lay.axis), P(lay.axis)
+    seed = dropout_lib.dropout_seed(call.dropout_rng) if call.dropout_rate else \
+        jnp.zeros((2,), jnp.uint32)  # the whole call's dropout seed, the same on every device
     fn = shard_map(_local_body(lay, local, has_seg), mesh,
                     in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec, pos_spec, seg_spec,
-                              seg_spec, [P()] * len(leaves), *bias_spec),
+                              seg_spec, [P()] * len(leaves), P(), *bias_spec),
                     out_specs=(qkv_spec, P(lay.batch_spec, lay.axis, lay.head_axis)))
     out, lse = fn(q, k, v, jnp.asarray(lay.q_perm), jnp.asarray(lay.kv_perm), q_seg, kv_seg,
-                  leaves, *bias_args)
+                  leaves, seed, *bias_args)
     if lay.global_balance is not None:  # back to natural order, then sequence-sharded again
         inv = jnp.asarray(layout.inverse_permutation(lay.q_perm))
         if has_explicit_axes(mesh):
@@ -399,12 +409,12 @@ def _local_body(lay: _Layout, local, has_seg: bool):
     local step, and back."""
     p, lb = lay.axis_size, lay.local_balance
 
-    def body(q, k, v, qp, kp, qs, ks, leaves, *bias_local):
+    def body(q, k, v, qp, kp, qs, ks, leaves, seed, *bias_local):
         seq = lambda x: layout.to_balanced(x, lay.axis, p, lb, 1)
         q, k, v = seq(q), seq(k), seq(v)
         qs, ks = (seq(qs), seq(ks)) if has_seg else (None, None)
         bl = bias_local[0] if bias_local else None
-        out, lse = local(q, k, v, qp, kp, qs, ks, leaves, bl)
+        out, lse = local(q, k, v, qp, kp, qs, ks, leaves, bl, seed)
         back = lambda x: layout.from_balanced(x, lay.axis, p, lb, 1)
         return back(out), back(lse)
 
@@ -432,20 +442,21 @@ def _apply_sinks(out, lse, sinks):
     return (out.astype(jnp.float32) * w[..., None]).astype(out.dtype), new
 
 
-def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
+def _all_gather_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed):
     """Queries stay local; K/V, their positions and segment ids are gathered along the axis."""
     gather = lambda x, ax: jax.lax.all_gather(x, st.axis, axis=ax, tiled=True)
     k, v, kv_pos = gather(k, 1), gather(v, 1), gather(kv_pos, 0)
     kv_seg = None if kv_seg is None else gather(kv_seg, 1)
+    drop = dropout_index(st, seed, q_pos, kv_pos)
     if st.partial_masks:  # static per-device masks (see static_device_masks)
-        fns = {kind: (lambda m: lambda *a: attend(st, *a[:3], m, *a[3:]))(
+        fns = {kind: (lambda m: lambda *a: attend(st, *a[:3], m, *a[3:], drop))(
             local_mask(st, kind, None, None, leaves)) for kind in {r[0] for r in st.kinds}}
         return dispatch_kind(st, 0, fns, (q, k, v, q_seg, kv_seg, bias))
     mask = local_mask(st, masks_lib.PARTIAL, q_pos, kv_pos, leaves)
-    return attend(st, q, k, v, mask, q_seg, kv_seg, bias)
+    return attend(st, q, k, v, mask, q_seg, kv_seg, bias, drop)
 
 
-def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n_loc):
+def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed, n_loc):
     """Sequence-sharded -> head-sharded (all-to-all), full-length attention, and back. The
     sequence is in natural order (Ulysses never load-balances)."""
     a2a = lambda x, split, concat: jax.lax.all_to_all(x, st.axis, split, concat, tiled=True)
@@ -455,10 +466,14 @@ def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n_lo
     if q_seg is not None:
         q_seg, kv_seg = gather(q_seg, 1), gather(kv_seg, 1)
     heads_here = n_loc // st.axis_size
+    # this device holds heads [start, start + heads_here) of the whole call
+    base = 0 if st.dropout_head_axis is None else \
+        jax.lax.axis_index(st.dropout_head_axis) * n_loc
+    first_head = base + jax.lax.axis_index(st.axis) * heads_here
+    drop = dropout_index(st, seed, q_pos, kv_pos, head_start=first_head)
     head_start = None
-    if st.head_count is not None:  # a per-head mask: this device holds heads [start, +heads)
-        base = 0 if st.head_axis is None else jax.lax.axis_index(st.head_axis) * n_loc
-        head_start = base + jax.lax.axis_index(st.axis) * heads_here
+    if st.head_count is not None:  # a per-head mask
+        head_start = first_head
         st = _replace(st, head_count=heads_here)
     has_mask = st.mask_def is not None or st.static_mask is not None
     if has_mask and head_start is None and not st.batch_axes:
@@ -469,5 +484,5 @@ def _ulysses_local(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, n_lo
             mask = jax.tree_util.tree_unflatten(st.mask_def, leaves)
     else:
         mask = local_mask(st, masks_lib.PARTIAL, q_pos, kv_pos, leaves, head_start=head_start)
-    out, lse = attend(st, q, k, v, mask, q_seg, kv_seg, bias)  # [B, T, N_loc/P, Hv], lse
+    out, lse = attend(st, q, k, v, mask, q_seg, kv_seg, bias, drop)  # [B, T, N_loc/P, Hv]
     return a2a(out, 1, 2), a2a(lse, 1, 2)

@@ -36,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattn import masks as masks_lib
+from jaxattn.core.dropout import DropoutIndex
 from jaxattn.ops.attention import dot_product_attention
 from jaxattn.parallel.layout import AtPositions
 
-__all__ = ["RingStatic", "ring_attention_local", "local_mask", "attend", "STATIC_BASE"]
+__all__ = ["RingStatic", "ring_attention_local", "local_mask", "attend", "dropout_index",
+           "STATIC_BASE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,13 @@ class RingStatic:
     # "this block's mask is partial_masks[m]" (compile-time block metadata: static tile
     # skipping, and kernels that need a static mask, e.g. Pallas, can run the hop).
     partial_masks: tuple = ()
+    # attention dropout at global indices (the whole call's N heads; batch / head shard offsets)
+    dropout_rate: float = 0.0
+    dropout_heads: int = 0
+    dropout_batch_axes: tuple[str, ...] = ()
+    dropout_batch_count: int = 0
+    dropout_head_axis: str | None = None
+    dropout_head_count: int = 0
 
     @property
     def num_hops(self) -> int:
@@ -94,12 +103,29 @@ def local_mask(st: RingStatic, kind: int, q_pos, kv_pos, leaves, head_start=None
     )
 
 
-def attend(st: RingStatic, q, k, v, mask, q_seg=None, kv_seg=None, bias=None):
-    """One local attention call ``(out, lse)`` on the configured backend."""
+def dropout_index(st: RingStatic, seed, q_pos, kv_pos, head_start=None):
+    """The :class:`DropoutIndex` of this device's block (None without dropout): the global
+    positions of its query rows / key columns, its batch and head offsets in the whole call.
+    Runs inside ``shard_map``."""
+    if not st.dropout_rate:
+        return None
+    batch_start = 0
+    if st.dropout_batch_axes:
+        batch_start = jax.lax.axis_index(st.dropout_batch_axes) * st.dropout_batch_count
+    if head_start is None:
+        head_start = 0 if st.dropout_head_axis is None else \
+            jax.lax.axis_index(st.dropout_head_axis) * st.dropout_head_count
+    return DropoutIndex(seed, st.dropout_heads, batch_start, head_start, q_pos, kv_pos)
+
+
+def attend(st: RingStatic, q, k, v, mask, q_seg=None, kv_seg=None, bias=None, drop=None):
+    """One local attention call ``(out, lse)`` on the configured backend (``drop``: its
+    :func:`dropout_index`, when the call has dropout)."""
+    kw = {} if drop is None else dict(dropout_rate=st.dropout_rate, dropout_index=drop)
     return dot_product_attention(
         q, k, v, bias, mask, scale=st.scale, logits_soft_cap=st.soft_cap, return_lse=True,
         query_segment_ids=q_seg, kv_segment_ids=None if q_seg is None else kv_seg,
-        implementation=st.implementation,
+        implementation=st.implementation, **kw,
     )
 
 
@@ -156,7 +182,7 @@ def _bias_block(st: RingStatic, bias, h, kv_len):
     return jax.lax.dynamic_slice_in_dim(bias, _source(st, h) * kv_len, kv_len, 3)
 
 
-def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
+def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed):
     b, t, n, _ = q.shape
     hv = v.shape[-1]
     out = jnp.zeros((b, t, n, hv), jnp.float32)
@@ -165,7 +191,8 @@ def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias
     def run(kind):
         def fn(k_, v_, kv_pos_, kv_seg_, bias_):
             mask = local_mask(st, kind, q_pos, kv_pos_, leaves)
-            o, l = attend(st, q, k_, v_, mask, q_seg, kv_seg_, bias_)
+            drop = dropout_index(st, seed, q_pos, kv_pos_)
+            o, l = attend(st, q, k_, v_, mask, q_seg, kv_seg_, bias_, drop)
             return o.astype(jnp.float32), l
 
         return fn
@@ -194,25 +221,27 @@ def _forward(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def ring_attention_local(st: RingStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves,
-                         bias=None):
+                         bias=None, seed=None):
     """Per-device ring attention (call inside ``shard_map`` over ``st.axis``).
 
     Shapes (local): ``q [B, Tl, N, H]``, ``k, v [B, Sl, K, H|Hv]``, ``q_pos [Tl]``,
     ``kv_pos [Sl]`` (global positions), ``q_seg [B, Tl]`` / ``kv_seg [B, Sl]`` or None, ``leaves``
     the global mask's array leaves, ``bias`` None or this device's query rows of the additive
     bias against every key, ``[B|1, N|1, Tl|1, S|1]`` (key columns in the sharded kv order; it
-    gets ``dbias``). Returns ``out [B, Tl, N, Hv]`` and f32 ``lse [B, Tl, N]``.
+    gets ``dbias``), ``seed`` the whole call's ``uint32 [2]`` dropout seed (with
+    ``st.dropout_rate``; each hop drops the entries the unsharded call drops). Returns
+    ``out [B, Tl, N, Hv]`` and f32 ``lse [B, Tl, N]``.
     """
-    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias)
+    return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed)
 
 
-def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias):
-    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, out, lse)
+def _ring_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed):
+    out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed, out, lse)
 
 
 def _ring_bwd(st, res, cts):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, out, lse = res
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, leaves, bias, seed, out, lse = res
     dout, dlse = cts
     dout = dout.astype(jnp.float32)
     dlse = dlse.astype(jnp.float32)
@@ -223,8 +252,9 @@ def _ring_bwd(st, res, cts):
     def grads(kind):
         def fn(k_, v_, kv_pos_, kv_seg_, bias_):
             mask = local_mask(st, kind, q_pos, kv_pos_, leaves)
+            drop = dropout_index(st, seed, q_pos, kv_pos_)
             (o_h, l_h), vjp = jax.vjp(
-                lambda a, b_, c, d: attend(st, a, b_, c, mask, q_seg, kv_seg_, d),
+                lambda a, b_, c, d: attend(st, a, b_, c, mask, q_seg, kv_seg_, d, drop),
                 q, k_, v_, bias_)
             w = jnp.where(jnp.isfinite(l_h), jnp.exp(l_h - lse_safe), 0.0)  # [B, Tl, N]
             do_h = (w[..., None] * dout).astype(o_h.dtype)
@@ -265,7 +295,7 @@ def _ring_bwd(st, res, cts):
         dk, dv = _shift((dk, dv), st.axis, st.axis_size, -st.num_hops)
     none = jax.tree_util.tree_map(lambda _: None, (q_pos, kv_pos, q_seg, kv_seg, leaves))
     db = None if db is None else db.astype(bias.dtype)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none, db)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *none, db, None)
 
 
 ring_attention_local.defvjp(_ring_fwd, _ring_bwd)

@@ -120,6 +120,9 @@ def supports(call: AttentionCall) -> str | None:
         return "the Pallas kernel has no additive bias (use a Mask, or xla_chunked)"
     if isinstance(call.scale, jax.core.Tracer):
         return "scale must be a Python number (it is a static kernel parameter)"
+    if call.dropout_index is not None:
+        return ("dropout of a shard (dropout_index) is not wired into the kernel's hash yet; "
+                "use xla_chunked")
     if call.dtype not in _DTYPES:
         return f"dtype {call.dtype} is not one of float32, bfloat16, float16"
     if call.mask is not None and not call.mask.is_static:

@@ -32,7 +32,7 @@ def run(c: AttentionCall):
         logits_soft_cap=c.logits_soft_cap, sinks=c.sinks, return_lse=True,
         block_q=c.block_q or chunked_lib.DEFAULT_BLOCK_Q,
         block_kv=c.block_kv or chunked_lib.DEFAULT_BLOCK_KV,
-        dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng,
+        dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng, dropout_index=c.dropout_index,
     )
 
 
