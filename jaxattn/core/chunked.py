@@ -24,6 +24,7 @@ import numpy as np
 from jaxattn import masks as masks_lib
 from jaxattn.core import dropout as dropout_lib
 from jaxattn.core import softmax as sm
+from jaxattn.core.score_mod import apply_score_mod
 
 __all__ = ["chunked_attention", "plan_tiles", "TilePlan"]
 
@@ -83,6 +84,7 @@ class _Static:
     soft_cap: float | None
     mask_def: Any  # treedef of the mask pytree (None when there is no mask)
     dropout_rate: float = 0.0  # > 0: the custom_vjp's ``seed`` argument drives the mask
+    score_mod: Any = None  # fn(score, b, h, q_idx, kv_idx, *mod_args) on every tile's logits
 
 
 def _pad_axis(x, axis, size):
@@ -152,8 +154,9 @@ class _Tiles:
     multiplier left to apply here (1.0 when the caller folded it into ``q``).
     """
 
-    def __init__(self, st: _Static, q, k, v, bias, mask_leaves):
+    def __init__(self, st: _Static, q, k, v, bias, mask_leaves, mod_args=()):
         self.st, self.q, self.k, self.v, self.bias = st, q, k, v, bias
+        self.mod_args = mod_args
         self.mask = (
             None if st.mask_def is None else jax.tree_util.tree_unflatten(st.mask_def, mask_leaves)
         )
@@ -188,8 +191,10 @@ class _Tiles:
             ok = ok & _head_tile_to_rows(m, self.kv_heads, self.groups, p.block_q)
         return ok
 
-    def dropout(self, seed, qi, kj):
-        """Keep mask ``[B, K, R, bk]`` of a tile (global indices: same mask as the reference)."""
+    def indices(self, qi, kj):
+        """Global ``(batch, head, query, key)`` indices of a tile's ``[B, K, R, bk]`` entries,
+        as broadcasting int arrays (row ``r`` of kv head ``k`` is query head ``k G + r % G`` at
+        position ``r // G``)."""
         p, g = self.st.plan, self.groups
         b, kh = self.q.shape[:2]
         r = jnp.arange(self.rows)
@@ -197,17 +202,33 @@ class _Tiles:
         q_idx = (qi * p.block_q + r // g)[None, None, :, None]
         k_idx = (kj * p.block_kv + jnp.arange(p.block_kv))[None, None, None, :]
         b_idx = jnp.arange(b)[:, None, None, None]
-        return dropout_lib.keep_mask_of(seed, b_idx, heads, q_idx, k_idx,
-                                        self.st.dropout_rate, kh * g)
+        return b_idx, heads, q_idx, k_idx
 
-    def logits(self, qb, kb, qi, kj):
-        """Pre-cap logits ``x = scale * q k^T + bias`` and capped logits, f32 [B, K, R, bk]."""
+    def dropout(self, seed, qi, kj):
+        """Keep mask ``[B, K, R, bk]`` of a tile (global indices: same mask as the reference)."""
+        return dropout_lib.keep_mask_of(seed, *self.indices(qi, kj), self.st.dropout_rate,
+                                        self.q.shape[1] * self.groups)
+
+    def pre_logits(self, qb, kb, qi, kj):
+        """``scale * q k^T + bias`` of a tile, f32 [B, K, R, bk]."""
         x = jnp.einsum("bkrh,bksh->bkrs", qb, kb, preferred_element_type=jnp.float32)
         if self.st.scale != 1.0:
             x = x * self.st.scale
         bt = self.bias_tile(qi, kj)
         if bt is not None:
             x = x + bt
+        return x
+
+    def modded(self, x, qi, kj, mod_args):
+        """``score_mod`` applied to a tile's scores at their indices (``x`` when there is none)."""
+        if self.st.score_mod is None:
+            return x
+        return apply_score_mod(self.st.score_mod, x, *self.indices(qi, kj), mod_args)
+
+    def logits(self, qb, kb, qi, kj):
+        """Pre-cap logits ``x = score_mod(scale * q k^T + bias)`` and capped logits, f32
+        [B, K, R, bk]."""
+        x = self.modded(self.pre_logits(qb, kb, qi, kj), qi, kj, self.mod_args)
         return x, sm.soft_cap(x, self.st.soft_cap)
 
 
@@ -225,9 +246,9 @@ def _pairs(pairs):
     return jnp.asarray(arr[:, 0]), jnp.asarray(arr[:, 1])
 
 
-def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed):
+def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, mod_args=()):
     """``q`` rows ``[B, K, Tp*G, H]``, ``k``/``v`` ``[B, K, Sp, H]`` -> rows out, rows lse."""
-    tiles = _Tiles(st, q, k, v, bias, mask_leaves)
+    tiles = _Tiles(st, q, k, v, bias, mask_leaves, mod_args)
     b, kh, tpg = q.shape[:3]
     g, hv, r = tiles.groups, v.shape[-1], tiles.rows
     if sinks is None:
@@ -288,10 +309,12 @@ def _reduce_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse):
-    """Arrays in the internal layouts (see :func:`_forward`); returns grads in the same layouts."""
+def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse,
+              mod_args=()):
+    """Arrays in the internal layouts (see :func:`_forward`); returns grads in the same layouts
+    (and the ``score_mod`` arguments' gradients)."""
     p = st.plan
-    tiles = _Tiles(st, q, k, v, bias, mask_leaves)
+    tiles = _Tiles(st, q, k, v, bias, mask_leaves, mod_args)
     b, kh, tpg, h = q.shape
     g, r = tiles.groups, tiles.rows
     hv = v.shape[-1]
@@ -306,7 +329,12 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
 
     def tile_grads(qi, kj, masked):
         qb, kb, vb = tiles.load(qi, kj)
-        x, s = tiles.logits(qb, kb, qi, kj)
+        pre = tiles.pre_logits(qb, kb, qi, kj)
+        if st.score_mod is None:
+            x, mod_vjp = pre, None
+        else:  # d score / d pre and d score / d args, per tile
+            x, mod_vjp = jax.vjp(lambda a, m: tiles.modded(a, qi, kj, m), pre, mod_args)
+        s = sm.soft_cap(x, st.soft_cap)
         if masked:
             s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
         pr = jnp.exp(s - _rows(lse_safe, qi, r)[..., None])  # [B, K, R, bk]
@@ -322,18 +350,24 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
                           preferred_element_type=jnp.float32)
         # D = rowsum(dO * O) = sum_j P_ij dP_ij also with dropout (O is the dropped output)
         ds = pr * (dp - _rows(dvec, qi, r)[..., None])
-        dx = ds * sm.soft_cap_grad(x, st.soft_cap)  # gradient w.r.t. scale*qk + bias
+        dx = ds * sm.soft_cap_grad(x, st.soft_cap)  # gradient w.r.t. the pre-cap score
+        dmod = None
+        if mod_vjp is not None:  # back through score_mod to scale*qk + bias (and its args)
+            dx, dmod = mod_vjp(dx)
+            dmod = _f32_grads(dmod)
         dq_t = jnp.einsum("bkrs,bksh->bkrh", dx.astype(k.dtype), kb,
                           preferred_element_type=jnp.float32)
         dk_t = jnp.einsum("bkrs,bkrh->bksh", dx.astype(q.dtype), qb,
                           preferred_element_type=jnp.float32)
         if st.scale != 1.0:
             dq_t, dk_t = st.scale * dq_t, st.scale * dk_t
-        return dq_t, dk_t, dv_t, dx
+        return dq_t, dk_t, dv_t, dx, dmod
+
+    dmod0 = None if st.score_mod is None else _f32_zeros(mod_args)
 
     def make_body(masked):
         def body(carry, xs):
-            dq, dk, dv, db = carry
+            dq, dk, dv, db, dm = carry
             qi, kj = xs
 
             def compute(_):
@@ -345,11 +379,15 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
                     jnp.zeros((b, kh, p.block_kv, h), jnp.float32),
                     jnp.zeros((b, kh, p.block_kv, hv), jnp.float32),
                     jnp.zeros((b, kh, r, p.block_kv), jnp.float32),
+                    dmod0,
                 )
                 visible = jnp.any(tiles.allowed(qi, kj))
-                dq_t, dk_t, dv_t, dx = jax.lax.cond(visible, compute, lambda _: zeros, None)
+                dq_t, dk_t, dv_t, dx, dm_t = jax.lax.cond(visible, compute, lambda _: zeros,
+                                                          None)
             else:
-                dq_t, dk_t, dv_t, dx = compute(None)
+                dq_t, dk_t, dv_t, dx, dm_t = compute(None)
+            if dm is not None:
+                dm = jax.tree_util.tree_map(jnp.add, dm, dm_t)
             dq = _put_rows(dq, _rows(dq, qi, r) + dq_t, qi, r)
             k0 = kj * p.block_kv
             dk = jax.lax.dynamic_update_slice_in_dim(
@@ -367,15 +405,15 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
                           0 if db.shape[3] == 1 else k0)
                 cur = jax.lax.dynamic_slice(db, starts, dxt.shape)
                 db = jax.lax.dynamic_update_slice(db, cur + dxt, starts)
-            return (dq, dk, dv, db), None
+            return (dq, dk, dv, db, dm), None
 
         return body
 
-    carry = (dq0, dk0, dv0, db0)
+    carry = (dq0, dk0, dv0, db0, dmod0)
     for pairs, masked in ((p.full, False), (p.partial, True)):
         if pairs:
             carry, _ = jax.lax.scan(make_body(masked), carry, _pairs(pairs))
-    dq, dk, dv, db = carry
+    dq, dk, dv, db, dmod = carry
     dsinks = None
     if sinks is not None:
         # d lse_i / d sink = p_sink,i ; d out_i / d sink = -p_sink,i * out_i
@@ -385,27 +423,47 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
         dsinks = (-jnp.sum((p_sink * dvec).reshape(b, kh, tpg // g, g), axis=(0, 2)))
         dsinks = dsinks.reshape(kh * g).astype(sinks.dtype)
     db = None if db is None else db.astype(bias.dtype)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, dsinks
+    dmod = None if dmod is None else jax.tree_util.tree_map(
+        lambda g, a: None if g is None else g.astype(a.dtype), dmod, mod_args)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), db, dsinks, dmod
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _f32_zeros(tree):
+    """f32 zeros like the floating leaves of ``tree`` (None for integer leaves: no gradient)."""
+    return jax.tree_util.tree_map(
+        lambda a: jnp.zeros(jnp.shape(a), jnp.float32) if _is_float(a) else None, tree)
+
+
+def _f32_grads(tree):
+    return jax.tree_util.tree_map(
+        lambda g: None if g is None or not _is_float(g) else g.astype(jnp.float32), tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, bias, sinks, mask_leaves, seed):
-    return _forward(st, q, k, v, bias, sinks, mask_leaves, seed)
+def _attention(st, q, k, v, bias, sinks, mask_leaves, seed, mod_args):
+    return _forward(st, q, k, v, bias, sinks, mask_leaves, seed, mod_args)
 
 
-def _attention_fwd(st, q, k, v, bias, sinks, mask_leaves, seed):
-    out, lse = _forward(st, q, k, v, bias, sinks, mask_leaves, seed)
-    return (out, lse), (q, k, v, bias, sinks, mask_leaves, seed, out, lse)
+def _attention_fwd(st, q, k, v, bias, sinks, mask_leaves, seed, mod_args):
+    out, lse = _forward(st, q, k, v, bias, sinks, mask_leaves, seed, mod_args)
+    return (out, lse), (q, k, v, bias, sinks, mask_leaves, seed, mod_args, out, lse)
 
 
 def _attention_bwd(st, res, cts):
-    q, k, v, bias, sinks, mask_leaves, seed, out, lse = res
+    q, k, v, bias, sinks, mask_leaves, seed, mod_args, out, lse = res
     dout, dlse = cts
-    dq, dk, dv, db, dsinks = _backward(
-        st, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse.astype(jnp.float32)
+    dq, dk, dv, db, dsinks, dmod = _backward(
+        st, q, k, v, bias, sinks, mask_leaves, seed, out, lse, dout, dlse.astype(jnp.float32),
+        mod_args,
     )
     dleaves = [None] * len(mask_leaves)
-    return dq, dk, dv, db, dsinks, dleaves, None
+    if dmod is None:
+        dmod = jax.tree_util.tree_map(lambda _: None, mod_args)
+    return dq, dk, dv, db, dsinks, dleaves, None, dmod
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -427,6 +485,8 @@ def chunked_attention(
     dropout_rate: float = 0.0,
     dropout_rng=None,
     dropout_index=None,
+    score_mod=None,
+    score_mod_args=(),
 ):
     """Online-softmax attention over tiles; memory linear in sequence length.
 
@@ -437,7 +497,8 @@ def chunked_attention(
     position-hash mask of :mod:`jaxattn.core.dropout`: for the same ``dropout_rng`` it drops
     the same entries as the reference, whatever the tile sizes; ``dropout_index`` (a
     :class:`jaxattn.core.dropout.DropoutIndex`) makes a shard of a larger call drop that call's
-    entries.
+    entries. ``score_mod(score, b, h, q_idx, kv_idx, *score_mod_args)`` is applied per tile
+    (forward and backward; the arguments get gradients), never building ``[T, S]``.
 
     Returns ``[B, T, N, Hv]`` (and the f32 LSE ``[B, T, N]`` with ``return_lse``).
     """
@@ -464,8 +525,8 @@ def chunked_attention(
     if dropout_rate > 0:  # a DropoutIndex (a shard of a larger call) carries its own seed
         seed = dropout_index if dropout_index is not None else \
             dropout_lib.dropout_seed(dropout_rng)
-    st = _Static(plan, scale, logits_soft_cap, mask_def, float(dropout_rate))
-    out, lse = _attention(st, q, k, v, bias, sinks, leaves, seed)
+    st = _Static(plan, scale, logits_soft_cap, mask_def, float(dropout_rate), score_mod)
+    out, lse = _attention(st, q, k, v, bias, sinks, leaves, seed, tuple(score_mod_args))
     out = _from_rows(out, n)[:, :t]
     lse = _from_rows(lse, n)[:, :t]
     return (out, lse) if return_lse else out

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxattn import masks as masks_lib
 from jaxattn.core import dropout as dropout_lib
 from jaxattn.core import softmax as sm
+from jaxattn.core.score_mod import apply_score_mod
 
 __all__ = ["attention_reference", "attention_probabilities"]
 
@@ -26,8 +27,9 @@ def _grouped(query, num_kv_heads):
     return query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
 
 
-def _logits(query, key, bias, mask, scale, logits_soft_cap):
-    """f32 logits ``[B, N, T, S]`` with masked entries at -inf."""
+def _logits(query, key, bias, mask, scale, logits_soft_cap, score_mod=None, score_mod_args=()):
+    """f32 logits ``[B, N, T, S]`` with masked entries at -inf: ``scale * Q K^T + bias``, then
+    ``score_mod`` (at every entry's indices), then the soft-cap, then the mask."""
     b, t, n, _ = query.shape
     s, k = key.shape[1], key.shape[2]
     qg = _grouped(query, k).astype(jnp.float32)
@@ -35,6 +37,10 @@ def _logits(query, key, bias, mask, scale, logits_soft_cap):
     logits = logits.reshape(b, n, t, s) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
+    if score_mod is not None:
+        idx = [jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
+               for i, d in enumerate(logits.shape)]
+        logits = apply_score_mod(score_mod, logits, *idx, score_mod_args)
     logits = sm.soft_cap(logits, logits_soft_cap)
     mask = masks_lib.as_mask(mask)
     if mask is not None:
@@ -44,7 +50,8 @@ def _logits(query, key, bias, mask, scale, logits_soft_cap):
 
 
 def attention_probabilities(
-    query, key, bias=None, mask=None, *, scale=None, logits_soft_cap=None, sinks=None
+    query, key, bias=None, mask=None, *, scale=None, logits_soft_cap=None, sinks=None,
+    score_mod=None, score_mod_args=(),
 ):
     """Attention probabilities ``P`` (f32 ``[B, N, T, S]``) and the natural-log LSE ``[B, T, N]``.
 
@@ -52,7 +59,8 @@ def attention_probabilities(
     probabilities sum to ``1 - p_sink`` (the sink absorbs the rest).
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    logits = _logits(query, key, bias, mask, scale, logits_soft_cap)  # [B, N, T, S]
+    logits = _logits(query, key, bias, mask, scale, logits_soft_cap, score_mod,
+                     score_mod_args)  # [B, N, T, S]
     m = sm.safe_max(logits, axis=-1, keepdims=True)
     if sinks is not None:
         sink = sinks.astype(jnp.float32)[None, :, None, None]  # [1, N, 1, 1]
@@ -81,12 +89,16 @@ def attention_reference(
     dropout_rng=None,
     return_lse: bool = False,
     dropout_index=None,
+    score_mod=None,
+    score_mod_args=(),
 ):
     """Plain attention. Shapes: ``query [B, T, N, H]``, ``key [B, S, K, H]``,
     ``value [B, S, K, Hv]`` with ``N % K == 0``; ``bias`` broadcastable to ``[B, N, T, S]``;
     ``mask`` a :class:`jaxattn.masks.Mask` or boolean array broadcastable to ``[B, N, T, S]``;
     ``sinks [N]``. ``dropout_index``: a :class:`jaxattn.core.dropout.DropoutIndex` when this
-    call is a shard of a larger one (its seed replaces ``dropout_rng``).
+    call is a shard of a larger one (its seed replaces ``dropout_rng``). ``score_mod(score, b,
+    h, q_idx, kv_idx, *score_mod_args)`` rewrites each scaled logit (after the bias, before the
+    soft-cap and the mask; :mod:`jaxattn.core.score_mod`).
 
     Returns ``[B, T, N, Hv]`` in ``query.dtype`` (and the f32 LSE ``[B, T, N]`` with
     ``return_lse``). Arguments are not validated here; :func:`jaxattn.dot_product_attention`
@@ -95,7 +107,8 @@ def attention_reference(
     b, t, n, _ = query.shape
     k = key.shape[2]
     probs, lse = attention_probabilities(
-        query, key, bias, mask, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks
+        query, key, bias, mask, scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks,
+        score_mod=score_mod, score_mod_args=score_mod_args,
     )
     if dropout_rate > 0.0:  # the position-hash mask every implementation shares
         bb, nn_, tt, ss = (jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])

@@ -55,6 +55,8 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     return_residual: bool = False,
     dropout_index=None,
+    score_mod=None,
+    score_mod_args=(),
 ):
     """Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", 2017).
 
@@ -90,6 +92,13 @@ def dot_product_attention(
       local_window_size: ``w`` or ``(left, right)`` (as ``jax.nn``): query ``q`` sees keys
         ``q - left .. q + right`` (a :class:`jaxattn.masks.LocalMask` ANDed in).
       return_residual: ``jax.nn``'s name for ``return_lse``: also return the LSE ``[B, T, N]``.
+      score_mod, score_mod_args: FlexAttention's score function:
+        ``score_mod(score, b, h, q_idx, kv_idx, *score_mod_args) -> score`` rewrites every
+        scaled logit (after ``bias``, before the soft-cap and the mask) from its indices (int32
+        arrays broadcasting like ``[B, 1, 1, 1]``, ``[1, N, 1, 1]``, ``[1, 1, T, 1]``,
+        ``[1, 1, 1, S]``); ``score_mod_args`` (arrays: ALiBi slopes, a relative-position table)
+        get gradients. ``xla_chunked`` applies it per tile, forward and backward, so no
+        ``[T, S]`` bias is built; ready-made ones in :mod:`jaxattn.score_mods`.
       dropout_index: for sharded callers: a :class:`jaxattn.core.dropout.DropoutIndex` giving
         this call's place (batch / head offsets, global query / key positions, the seed) in the
         larger call it is a shard of, so it drops exactly that call's entries
@@ -119,6 +128,7 @@ def dot_product_attention(
         dropout_rng=dropout_rng, return_lse=return_lse or return_residual,
         query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, dropout_index=dropout_index,
+        score_mod=score_mod, score_mod_args=score_mod_args,
     )
     return_lse = return_lse or return_residual
     impl = _xla_alias(registry.as_implementation(implementation), call)

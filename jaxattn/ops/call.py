@@ -145,6 +145,8 @@ class AttentionCall:
     block_kv: int | None = None
     # where this call's entries sit in a larger call it is a shard of (dropout only)
     dropout_index: Any = None
+    score_mod: Any = None  # fn(score, b, h, q_idx, kv_idx, *score_mod_args) -> score
+    score_mod_args: tuple = ()
 
     @property
     def shape(self) -> dict[str, int]:
@@ -295,6 +297,8 @@ def make_call(
     key_value_seq_lengths=None,
     local_window_size=None,
     dropout_index=None,
+    score_mod=None,
+    score_mod_args=(),
 ) -> tuple[AttentionCall, bool]:
     """Validate arguments and build an :class:`AttentionCall`. Returns ``(call, squeezed)``
     where ``squeezed`` says the inputs were rank 3 (no batch) and outputs must drop the batch.
@@ -330,6 +334,7 @@ def make_call(
                                                           b, t, s)
     if scale is None:
         scale = h**-0.5
+    score_mod_args = _check_score_mod(score_mod, score_mod_args)
     if dropout_index is not None:
         _check_dropout_index(dropout_index, dropout_rate, n, t, s)
         if dropout_rng is None and dropout_rate > 0:
@@ -342,8 +347,25 @@ def make_call(
         logits_soft_cap=logits_soft_cap, sinks=sinks, dropout_rate=float(dropout_rate),
         dropout_rng=dropout_rng, return_lse=return_lse, platform=platform_of(query),
         dropout_index=dropout_index if dropout_rate > 0 else None,
+        score_mod=score_mod, score_mod_args=score_mod_args,
     )
     return call, squeezed
+
+
+def _check_score_mod(score_mod, score_mod_args) -> tuple:
+    """``score_mod`` callable (or None) and its arguments as a tuple of arrays."""
+    if score_mod is None:
+        if score_mod_args:
+            raise ValueError("score_mod_args were given without a score_mod")
+        return ()
+    if not callable(score_mod):
+        raise TypeError(f"score_mod must be callable, got {type(score_mod).__name__}")
+    args = tuple(score_mod_args) if isinstance(score_mod_args, list | tuple) else \
+        (score_mod_args,)
+    for i, a in enumerate(args):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"score_mod_args[{i}] must be an array, got {type(a).__name__}")
+    return args
 
 
 def _check_dropout_index(index, dropout_rate, n: int, t: int, s: int) -> None:

@@ -46,7 +46,8 @@ def supports(c: AttentionCall) -> str | None:
         return f"cuDNN needs H == Hv, a multiple of 8 and <= 256 (H={d['H']}, Hv={d['Hv']})"
     for what, bad in (("soft-cap", c.logits_soft_cap is not None), ("sinks", c.sinks is not None),
                       ("segment ids", c.q_segment_ids is not None),
-                      ("dropout", c.dropout_rate > 0), ("return_lse", c.return_lse)):
+                      ("dropout", c.dropout_rate > 0), ("return_lse", c.return_lse),
+                      ("score_mod", c.score_mod is not None)):
         if bad:
             return f"jax.nn's cuDNN path has no {what}"
     args = _mask_args(c.mask)

@@ -120,6 +120,8 @@ def supports(call: AttentionCall) -> str | None:
         return "the Pallas kernel has no additive bias (use a Mask, or xla_chunked)"
     if isinstance(call.scale, jax.core.Tracer):
         return "scale must be a Python number (it is a static kernel parameter)"
+    if call.score_mod is not None:
+        return "score_mod is not implemented in the Pallas kernel yet (use xla_chunked)"
     if call.dropout_index is not None:
         return ("dropout of a shard (dropout_index) is not wired into the kernel's hash yet; "
                 "use xla_chunked")

@@ -25,7 +25,8 @@ def run(c: AttentionCall):
     return dense.attention_reference(
         c.query, c.key, c.value, c.bias, c.full_mask, scale=c.scale,
         logits_soft_cap=c.logits_soft_cap, sinks=c.sinks, dropout_rate=c.dropout_rate,
-        dropout_rng=c.dropout_rng, dropout_index=c.dropout_index, return_lse=True,
+        dropout_rng=c.dropout_rng, dropout_index=c.dropout_index,
+        score_mod=c.score_mod, score_mod_args=c.score_mod_args, return_lse=True,
     )
 
 

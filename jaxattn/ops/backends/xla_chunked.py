@@ -33,6 +33,7 @@ def run(c: AttentionCall):
         block_q=c.block_q or chunked_lib.DEFAULT_BLOCK_Q,
         block_kv=c.block_kv or chunked_lib.DEFAULT_BLOCK_KV,
         dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng, dropout_index=c.dropout_index,
+        score_mod=c.score_mod, score_mod_args=c.score_mod_args,
     )
 
 
