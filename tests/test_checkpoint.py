@@ -160,7 +160,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capfd):
     for path in (ckpt / "6").rglob("*"):
         if path.is_file():
             path.write_bytes(b"\x00garbage" * 3)
-    res = train(_cfg(ckpt, 8), _task())
+    # run.steps 6 -> 8 changes the schedule: resuming needs the explicit permission
+    res = train(_cfg(ckpt, 8, allow_config_change=True), _task())
     err = capfd.readouterr().err
     assert "step 6" in err and "unreadable" in err
     assert res.resumed_from == 4 and res.step == 8

@@ -23,7 +23,7 @@ from jaxattn.train.loop import (
     param_shardings,
     train,
 )
-from jaxattn.train.optim import make_optimizer, make_schedule
+from jaxattn.train.optim import decay_mask, make_optimizer, make_schedule
 
 __all__ = [
     "Checkpointer",
@@ -37,6 +37,7 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "batch_sharding",
+    "decay_mask",
     "make_mesh",
     "mesh_rules",
     "make_optimizer",

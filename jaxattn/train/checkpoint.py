@@ -6,6 +6,9 @@ the latest good checkpoint onto the current mesh.
 * If the latest checkpoint cannot be read it is reported, moved aside to
   ``<dir>/corrupt_<step>_<time>`` (kept for inspection, and out of the way of a later save of
   the same step) and the previous one is tried.
+* Each save can carry a JSON ``metadata`` dict (orbax custom metadata: the loop stores the run's
+  config and, for ``grain.IterDataset`` sources, the data iterator's state), read back with
+  :meth:`Checkpointer.metadata`.
 * Unfinished saves (a process killed mid-write) never become visible: orbax writes to a
   temporary directory and renames it when complete.
 """
@@ -51,12 +54,23 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: Any) -> None:
-        """Start saving ``state`` at ``step`` (returns once device data is copied to host when
-        async). Saving a step that already exists is a no-op."""
+    def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> None:
+        """Start saving ``state`` (and the JSON-serialisable ``metadata``) at ``step`` (returns
+        once device data is copied to host when async). Saving a step that already exists is a
+        no-op."""
         if step in self.all_steps():
             return
-        self.manager.save(int(step), args=ocp.args.StandardSave(state))
+        self.manager.save(int(step), args=ocp.args.StandardSave(state),
+                          custom_metadata=dict(metadata or {}))
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The ``metadata`` saved with ``step`` (``{}`` when none was, or it is unreadable)."""
+        self.wait()
+        try:
+            meta = self.manager.metadata(int(step))
+        except Exception:  # noqa: BLE001 - old or partial checkpoints: treated as no metadata
+            return {}
+        return dict(getattr(meta, "custom_metadata", None) or {})
 
     def _quarantine(self, step: int) -> pathlib.Path | None:
         src = self.directory / str(step)

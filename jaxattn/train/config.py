@@ -11,6 +11,8 @@ with the field's annotated type, so a typo or a wrong type fails loudly before a
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -24,7 +26,10 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "apply_overrides",
+    "RESUME_CHECKED_FIELDS",
+    "config_differences",
     "config_to_dict",
+    "json_config",
 ]
 
 
@@ -44,6 +49,11 @@ class OptimConfig:
     grad_clip_norm: float | None = 1.0
     accumulate_steps: int = 1  # micro-batches per step (the global batch is split)
     aux_loss_weight: float = 1.0  # times the sum of the aux losses sown (jaxattn.nn.mixer)
+    # "all": decay every parameter; "matrices": only ndim >= 2 parameters whose path names
+    # contain none of embed/norm/scale/bias (jaxattn.train.optim.decay_mask). The default
+    # stays "all" for now: "matrices" is the better default, but flipping it would change every
+    # committed experiment result without rerunning them.
+    weight_decay_mask: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +77,9 @@ class RunConfig:
     precision: str = "f32"  # "f32" | "bf16" (bf16 compute, f32 params and optimizer state)
     progress: bool = True
     prefetch: int = 2  # batches read ahead by a background thread (0: synchronous)
+    # resume from a checkpoint whose stored config differs in a refused field
+    # (RESUME_CHECKED_FIELDS: model, data, optim, run.steps/batch_size/seed)
+    allow_config_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,3 +220,50 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, tuple | list):
         return [config_to_dict(x) for x in cfg]
     return cfg
+
+
+# ---- resume check -----------------------------------------------------------------------------
+# Dotted config prefixes that must match between a checkpoint and the run resuming from it:
+# the model and data sections, the whole optimizer section (learning rate, schedule, warmup,
+# decay, clipping, accumulation, ... all change the trajectory) and the run's length (the
+# schedule is built over it), batch size and seed. Everything else (mesh, logging, eval,
+# progress, prefetch, checkpoint paths, keep/save_every, precision, sweep) may change freely.
+RESUME_CHECKED_FIELDS = ("model", "data", "optim", "run.steps", "run.batch_size", "run.seed")
+
+
+def json_config(cfg: Any) -> Any:
+    """``config_to_dict(cfg)`` made JSON-plain (tuples -> lists, other objects -> their
+    ``repr`` without memory addresses, so a function compares by name), as stored with each
+    checkpoint."""
+    return json.loads(json.dumps(config_to_dict(cfg),
+                                 default=lambda o: re.sub(r" at 0x[0-9a-fA-F]+", "", repr(o))))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: tree}
+    return {prefix: tree}
+
+
+def config_differences(stored: Any, current: Any,
+                       fields: Iterable[str] = RESUME_CHECKED_FIELDS
+                       ) -> list[tuple[str, Any, Any]]:
+    """``(dotted field, stored value, current value)`` for every field under ``fields`` that
+    differs between two :func:`json_config` dicts. A field absent from ``stored`` (added to the
+    code after the checkpoint was written) is not compared; one removed since is reported."""
+    fields = tuple(fields)
+    old, new = _flatten(stored), _flatten(current)
+
+    def checked(key):
+        return any(key == f or key.startswith(f + ".") for f in fields)
+
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not checked(key) or key not in old:
+            continue
+        if key not in new or old[key] != new[key]:
+            diffs.append((key, old[key], new.get(key, "<absent>")))
+    return diffs

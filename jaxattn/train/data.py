@@ -1,13 +1,23 @@
 """grain pipelines over random-access sources, sharded across processes, and conversion of
 host batches into global ``jax.Array``s on the mesh.
 
-The training stream is a ``grain.MapDataset`` (shuffle -> repeat -> batch), so the batch of
-step ``s`` is ``dataset[s]``: a restarted run sees exactly the batches it would have seen, with
-no iterator state to checkpoint.
+The training stream of a random-access source (``len``/``[i]``, including a
+``grain.MapDataset`` of examples) is a ``grain.MapDataset`` (shuffle -> repeat -> batch), so the
+batch of step ``s`` is ``dataset[s]``: a restarted run sees exactly the batches it would have
+seen, with no iterator state to checkpoint.
+
+A ``grain.IterDataset`` source is the researcher's own pipeline (with its own worker threads /
+processes, ``prefetch`` / ``mp_prefetch``, shuffling and *batching*): it must yield dicts of
+numpy arrays that are already this process's batch (leading dimension ``global batch /
+process_count``). :class:`IterBatches` reads it in order and records the iterator's
+``get_state()`` after every batch; the loop stores the state of the saved step with each
+checkpoint and restores it (``set_state``) on resume, so a resumed run continues the stream
+where the saved run was rather than replaying it from the start.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -18,7 +28,63 @@ import grain
 import jax
 import numpy as np
 
-__all__ = ["Prefetcher", "eval_batches", "global_batch", "train_dataset"]
+__all__ = ["IterBatches", "Prefetcher", "eval_batches", "global_batch", "is_iter_dataset",
+           "train_dataset"]
+
+
+def is_iter_dataset(source: Any) -> bool:
+    """Whether ``source`` is a ``grain.IterDataset`` (a pipeline read by iterating it)."""
+    return isinstance(source, grain.IterDataset)
+
+
+class IterBatches:
+    """Step-indexed view of a ``grain.IterDataset`` of ready batches: ``self[step]`` must be
+    asked for consecutive steps from ``start`` (as :class:`Prefetcher` does) and is the next
+    batch of the iterator. ``state_after(step)`` is the iterator state once the batch of step
+    ``step - 1`` was read, i.e. the state a run resuming at ``step`` restores (kept for the last
+    ``window`` steps). Each batch leaf must have leading dimension ``local_batch_size``.
+    """
+
+    def __init__(self, dataset: Any, *, start: int, local_batch_size: int,
+                 state: Any = None, window: int = 64):
+        self._it = iter(dataset)
+        if state is not None:
+            self._it.set_state(state)
+        self._next, self._local, self._window = start, local_batch_size, window
+        self._states: dict[int, Any] = {start: copy.deepcopy(self._it.get_state())}
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        if step != self._next:
+            raise ValueError(f"IterBatches reads in order: expected step {self._next}, "
+                             f"got {step}")
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise ValueError(f"the train IterDataset ended at step {step}: it must yield at "
+                             f"least run.steps batches (repeat it)") from None
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            shape = np.shape(leaf)
+            if not shape or shape[0] != self._local:
+                raise ValueError(
+                    f"train IterDataset batch leaf {jax.tree_util.keystr(path)} has shape "
+                    f"{shape}; an IterDataset must yield batches with leading dimension "
+                    f"{self._local} (global batch / processes)")
+        self._next += 1
+        self._states[step + 1] = copy.deepcopy(self._it.get_state())
+        self._states.pop(step + 1 - self._window, None)
+        return batch
+
+    def state_after(self, step: int) -> Any:
+        """The iterator state to resume at ``step`` (after ``step`` batches were consumed)."""
+        if step not in self._states:
+            raise KeyError(f"no iterator state recorded for step {step} (kept: "
+                           f"{sorted(self._states)})")
+        return self._states[step]
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 def _process_shard(source: Any, process_index: int | None, process_count: int | None):

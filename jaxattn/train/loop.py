@@ -14,6 +14,26 @@ checkpoint continues bit-for-bit. The train step donates the state buffers it is
 The loss runs under :func:`jaxattn.nn.mixer.capture_aux_losses`: auxiliary losses sown by the
 model's mixers are added to it, weighted by ``OptimConfig.aux_loss_weight`` (averaged over
 micro-batches like the loss when ``accumulate_steps > 1``).
+
+The optimizer is AdamW from ``cfg.optim`` (:func:`jaxattn.train.optim.make_optimizer`) or any
+``optax.GradientTransformation`` passed as ``train(..., optimizer=tx)``; accumulation and the
+aux-loss weight still come from ``cfg.optim``.
+
+Non-finite losses: every step checks ``isfinite`` of its loss and gradient norm inside the
+jitted step and keeps, on device, the first step where either was NaN/inf (a small carry next
+to the train state, not checkpointed). The host reads that carry only at log, eval and save
+boundaries and at the end (no extra device sync per step) and raises
+:class:`NonFiniteLossError` naming the *first* bad step, even when later steps were finite again.
+
+Each checkpoint stores, as JSON metadata, the run's config (:func:`jaxattn.train.config.
+json_config`), whether the optimizer came from ``cfg.optim`` or was passed in, a signature of
+the state's structure and, for ``grain.IterDataset`` sources, the data iterator's state.
+Resuming with a config that differs in a field of :data:`jaxattn.train.config.
+RESUME_CHECKED_FIELDS` (model, data, optim, ``run.steps``/``batch_size``/``seed``) raises a
+ValueError naming every differing field, unless ``run.allow_config_change``. A run whose
+``run.steps`` is not beyond the checkpoint's step trains nothing, so its ``run.steps`` is not
+compared. A state whose structure differs (another model or optimizer) is always refused (it
+could not be restored).
 """
 
 from __future__ import annotations
@@ -21,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,8 +61,21 @@ from jaxattn.nn.mixer import capture_aux_losses, total_aux_loss
 from jaxattn.parallel.logical import MeshConfig, make_mesh
 from jaxattn.parallel.mesh_axes import has_explicit_axes
 from jaxattn.train.checkpoint import Checkpointer, abstract_like
-from jaxattn.train.config import ExperimentConfig, OptimConfig, RunConfig
-from jaxattn.train.data import Prefetcher, eval_batches, global_batch, train_dataset
+from jaxattn.train.config import (
+    ExperimentConfig,
+    OptimConfig,
+    RunConfig,
+    config_differences,
+    json_config,
+)
+from jaxattn.train.data import (
+    IterBatches,
+    Prefetcher,
+    eval_batches,
+    global_batch,
+    is_iter_dataset,
+    train_dataset,
+)
 from jaxattn.train.metrics import MetricsWriter, ProgressBar
 from jaxattn.train.optim import make_optimizer
 
@@ -59,7 +94,9 @@ EvalFn = Callable[[nnx.Module, Any], dict[str, jax.Array]]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped without saving."""
+    """A step's training loss or gradient norm became NaN or infinite (checked on device every
+    step, reported at the next log/eval/save boundary naming the first such step); the run
+    stopped without saving anything after it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +111,12 @@ class Task:
         (:func:`jaxattn.nn.mixer.sow_aux_loss`) are added to the loss times
         ``OptimConfig.aux_loss_weight``; the step metrics then report that weighted sum as
         ``aux_loss`` and ``loss`` is the total that was differentiated.
-      train_source: random-access source (``len``, ``[i] -> dict of numpy arrays``).
+      train_source: a random-access source of examples (``len``, ``[i] -> dict of numpy
+        arrays``; also a ``grain.MapDataset``), shuffled and batched by the loop; or a
+        ``grain.IterDataset`` pipeline (its own workers, prefetch, shuffling and batching)
+        yielding this process's batches (leading dimension ``run.batch_size /
+        process_count``), whose iterator state is checkpointed (see
+        :mod:`jaxattn.train.data`).
       eval_source: optional source for ``eval_fn``.
       eval_fn: ``(model, batch) -> {name: per-example values [B]}``; the loop averages them
         over the eval set (padding excluded).
@@ -236,10 +278,28 @@ def _accumulated_grads(grad_fn, accumulate: int, params, rest, batch, key):
     return loss * inv, metrics, rest, grads
 
 
+def _initial_health() -> dict[str, jax.Array]:
+    """The on-device non-finite record: ``first_bad`` (1-based step of the first step whose loss
+    or gradient norm was NaN/inf, 0 while none was) and that step's loss and gradient norm."""
+    return {"first_bad": jnp.zeros((), jnp.int32), "loss": jnp.zeros((), jnp.float32),
+            "grad_norm": jnp.zeros((), jnp.float32)}
+
+
+def _update_health(health: dict, step, loss, grad_norm) -> dict:
+    """``health`` after the step of 0-based index ``step`` (cheap scalar ops in the step)."""
+    loss, grad_norm = loss.astype(jnp.float32), grad_norm.astype(jnp.float32)
+    bad = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    new = bad & (health["first_bad"] == 0)
+    return {"first_bad": jnp.where(new, step + 1, health["first_bad"]).astype(jnp.int32),
+            "loss": jnp.where(new, loss, health["loss"]),
+            "grad_norm": jnp.where(new, grad_norm, health["grad_norm"])}
+
+
 def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: RunConfig,
                  optim: OptimConfig, seed: int):
-    """The pure ``train_step(params, opt_state, rest, batch, step) -> (params, opt_state, rest,
-    metrics)`` and ``eval_step(params, rest, batch, valid) -> ({name: sum}, n_valid)``."""
+    """The pure ``train_step(params, opt_state, rest, health, batch, step) -> (params,
+    opt_state, rest, health, metrics)`` and ``eval_step(params, rest, batch, valid) ->
+    ({name: sum}, n_valid)``."""
     compute_dtype = _compute_dtype(run)
     base_key = jax.random.key(seed + 1)
     accumulate = optim.accumulate_steps
@@ -258,7 +318,7 @@ def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: Ru
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def train_step(params, opt_state, rest, batch, step):
+    def train_step(params, opt_state, rest, health, batch, step):
         key = jax.random.fold_in(base_key, step)
         if accumulate == 1:
             (loss, (metrics, rest)), grads = grad_fn(params, rest, batch, key)
@@ -271,8 +331,9 @@ def _build_steps(graphdef, task: Task, tx: optax.GradientTransformation, run: Ru
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
-        return params, opt_state, rest, metrics
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        return params, opt_state, rest, _update_health(health, step, loss, grad_norm), metrics
 
     def eval_step(params, rest, batch, valid):
         model, batch = merged(params, rest, batch)
@@ -340,8 +401,8 @@ def _compile_steps(graphdef, task: Task, tx, cfg: ExperimentConfig, mesh, rules,
     train_step, eval_step = (_under_rules(f, mesh, rules) for f in (train_step, eval_step))
     repl = NamedSharding(mesh, P())
     state_sh = tuple(shardings[k] for k in _STATE_KEYS)
-    train_jit = jax.jit(train_step, in_shardings=(*state_sh, batch_sh, repl),
-                        out_shardings=(*state_sh, repl), donate_argnums=(0, 1, 2))
+    train_jit = jax.jit(train_step, in_shardings=(*state_sh, repl, batch_sh, repl),
+                        out_shardings=(*state_sh, repl, repl), donate_argnums=(0, 1, 2, 3))
     if task.eval_fn is None or task.eval_source is None:
         return train_jit, None
     eval_jit = jax.jit(eval_step, in_shardings=(shardings["params"], shardings["rest"],
@@ -363,46 +424,53 @@ def _restore(ckpt: Checkpointer | None, state: dict, shardings: dict
     return step, {k: saved[k] for k in _STATE_KEYS}
 
 
-def _train_step(train_jit, state: dict, batch, step: int) -> tuple[dict, dict[str, Any]]:
-    """One optimizer step; ``state``'s buffers are donated (use only the returned state)."""
-    *new, metrics = train_jit(*(state[k] for k in _STATE_KEYS), batch,
-                              jnp.asarray(step, jnp.int32))
-    return dict(zip(_STATE_KEYS, new, strict=True)), metrics
+def _train_step(train_jit, state: dict, health: dict, batch, step: int
+                ) -> tuple[dict, dict, dict[str, Any]]:
+    """One optimizer step; ``state``'s and ``health``'s buffers are donated (use only the
+    returned ones)."""
+    *new, health, metrics = train_jit(*(state[k] for k in _STATE_KEYS), health, batch,
+                                      jnp.asarray(step, jnp.int32))
+    return dict(zip(_STATE_KEYS, new, strict=True)), health, metrics
 
 
 # ---- the loop ---------------------------------------------------------------------------------
-def _check_finite(pending: list[tuple[int, Any]], last_saved: int | None) -> None:
-    for step, loss in pending:
-        value = float(loss)
-        if not math.isfinite(value):
-            where = (f"the last good checkpoint (step {last_saved}) is kept"
-                     if last_saved is not None else "no checkpoint was written")
-            raise NonFiniteLossError(
-                f"training loss is {value} at step {step}: stopping the run; {where} and "
-                f"nothing after step {step - 1} is saved. Lower the learning rate, enable "
-                f"gradient clipping or check the data.")
-    pending.clear()
+def _check_finite(health: dict, last_saved: int | None) -> None:
+    """Raise :class:`NonFiniteLossError` if the on-device record holds a bad step (reads three
+    scalars: one device sync, done only at log/eval/save boundaries)."""
+    record = jax.device_get(health)
+    step = int(record["first_bad"])
+    if step == 0:
+        return
+    loss, grad_norm = float(record["loss"]), float(record["grad_norm"])
+    what = (f"training loss is {loss}" if not math.isfinite(loss)
+            else f"gradient norm is {grad_norm} (loss {loss})")
+    where = (f"the last good checkpoint (step {last_saved}) is kept"
+             if last_saved is not None else "no checkpoint was written")
+    raise NonFiniteLossError(
+        f"{what} at step {step} (the first non-finite step; every step is checked): stopping "
+        f"the run; {where} and nothing after step {step - 1} is saved. Lower the learning "
+        f"rate, enable gradient clipping or check the data.")
 
 
 @dataclasses.dataclass
 class _Progress:
-    """Host-side record of a run: logged history, losses not yet checked for NaN/inf, step
-    metrics since the last log, the latest train / eval metrics, the last saved step."""
+    """Host-side record of a run: logged history, the on-device non-finite record (``health``,
+    see :func:`_initial_health`), step metrics since the last log, the latest train / eval
+    metrics, the last saved step."""
 
     last_saved: int | None
+    health: dict[str, Any]
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    pending: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
     window: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     stopped_early: bool = False
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:
-        self.pending.append((step, metrics["loss"]))
         self.window.append(metrics)
 
     def check_finite(self) -> None:
-        _check_finite(self.pending, self.last_saved)
+        _check_finite(self.health, self.last_saved)
 
 
 def _log_train(progress: _Progress, step: int, writer: MetricsWriter, bar: ProgressBar) -> None:
@@ -450,10 +518,12 @@ def _eval_mid_run(progress: _Progress, step: int, metrics: dict[str, float],
         progress.stopped_early = True
 
 
-def _save(progress: _Progress, ckpt: Checkpointer, step: int, state: dict) -> None:
-    """Checkpoint ``state`` at ``step`` (after the NaN check: a bad step is never saved)."""
+def _save(progress: _Progress, ckpt: Checkpointer, step: int, state: dict,
+          metadata: dict[str, Any]) -> None:
+    """Checkpoint ``state`` and ``metadata`` at ``step`` (after the NaN check: a bad step is
+    never saved)."""
     progress.check_finite()
-    ckpt.save(step, state)
+    ckpt.save(step, state, metadata)
     progress.last_saved = step
 
 
@@ -478,50 +548,142 @@ def _check_batch_split(run: RunConfig, accumulate: int, mesh, batch_sh) -> None:
         raise ValueError(f"run.steps must be >= 1, got {run.steps}")
 
 
-def train(cfg: ExperimentConfig, task: Task, *, mesh: jax.sharding.Mesh | None = None,
+def _state_signature(state: dict) -> str:
+    """A short hash of the state's tree structure, shapes and dtypes (checkpoint metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    text = repr([(jax.tree_util.keystr(p), tuple(np.shape(x)), str(x.dtype)) for p, x in leaves])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_resume(meta: dict[str, Any], step: int, cfg: ExperimentConfig, optimizer_kind: str,
+                  signature: str, where: str) -> None:
+    """Refuse to resume from the checkpoint of ``step`` (``meta``: its stored metadata) when its
+    state could not be restored into this run's or its config differs in a checked field."""
+    if meta.get("state_signature", signature) != signature:
+        raise ValueError(
+            f"cannot resume from the checkpoint at step {step} in {where}: its state has a "
+            f"different structure (model parameters or optimizer state: the optimizer was "
+            f"{meta.get('optimizer')!r}, now {optimizer_kind!r}). Use another "
+            f"run.checkpoint_dir.")
+    if "config" not in meta:
+        print(f"train: the checkpoint at step {step} in {where} stores no readable config; "
+              f"resuming without checking it", file=sys.stderr)
+        return
+    diffs = config_differences(meta["config"], json_config(cfg))
+    if step >= cfg.run.steps:  # nothing left to train: the run's length does not matter
+        diffs = [d for d in diffs if d[0] != "run.steps"]
+    if meta.get("optimizer", optimizer_kind) != optimizer_kind:
+        diffs.append(("optimizer", meta["optimizer"], optimizer_kind))
+    if not diffs:
+        return
+    listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+    if cfg.run.allow_config_change:
+        print(f"train: resuming from step {step} with a changed config "
+              f"(run.allow_config_change): {listing}", file=sys.stderr)
+        return
+    raise ValueError(
+        f"refusing to resume from the checkpoint at step {step} in {where}: the config differs "
+        f"in {len(diffs)} field(s): {listing}. Set run.allow_config_change=true to resume "
+        f"anyway, or use another run.checkpoint_dir.")
+
+
+def _train_batches(task: Task, cfg: ExperimentConfig, start: int, meta: dict[str, Any]):
+    """``(step-indexed batches, IterBatches or None)`` of ``task.train_source`` from ``start``;
+    an IterDataset is set to the iterator state stored in the resumed checkpoint's ``meta``."""
+    run = cfg.run
+    if not is_iter_dataset(task.train_source):
+        return train_dataset(task.train_source, global_batch_size=run.batch_size,
+                             seed=run.seed), None
+    if run.prefetch >= 32:
+        raise ValueError(f"run.prefetch must be < 32 with an IterDataset source, got "
+                         f"{run.prefetch}")
+    pc = jax.process_count()
+    if run.batch_size % pc:
+        raise ValueError(f"global batch {run.batch_size} not divisible by {pc} processes")
+    state = meta.get("data_state")
+    if start and state is None:
+        if not run.allow_config_change:
+            raise ValueError(
+                f"the checkpoint at step {start} stores no state for the train IterDataset "
+                f"(written with another source?): resuming would replay the stream from its "
+                f"start. Set run.allow_config_change=true to accept that.")
+        print(f"train: resuming at step {start} with the train IterDataset restarted from its "
+              f"start (run.allow_config_change)", file=sys.stderr)
+    it = IterBatches(task.train_source, start=start, local_batch_size=run.batch_size // pc,
+                     state=state)
+    return it, it
+
+
+def train(cfg: ExperimentConfig, task: Task, *,
+          optimizer: optax.GradientTransformation | None = None,
+          mesh: jax.sharding.Mesh | None = None,
           callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
           desc: str = "") -> TrainResult:
     """Train ``task`` under ``cfg``; resume from ``cfg.run.checkpoint_dir`` when it holds a
-    checkpoint. ``callbacks(step, metrics)`` run on the host after every step (metrics are
-    device arrays; reading them synchronises). ``mesh`` defaults to ``cfg.mesh`` over the
-    first devices it needs (all of them when a size is ``-1``).
+    checkpoint. ``optimizer`` replaces the AdamW built from ``cfg.optim`` (gradient
+    accumulation and ``aux_loss_weight`` still come from ``cfg.optim``; a schedule inside it
+    is the researcher's to build over ``cfg.run.steps``). ``callbacks(step, metrics)`` run on
+    the host after every step (metrics are device arrays; reading them synchronises). ``mesh``
+    defaults to ``cfg.mesh`` over the first devices it needs (all of them when a size is
+    ``-1``).
 
     Raises:
-      NonFiniteLossError: the loss became NaN/inf (checked before every save and log).
+      NonFiniteLossError: a step's loss or gradient norm was NaN/inf (every step is checked on
+        device; reported before the next log, eval or save, naming the first bad step).
+      ValueError: resuming from a checkpoint whose stored config differs in a checked field
+        (see the module docstring; ``run.allow_config_change`` permits it) or whose state has
+        another structure.
     """
     mesh = _run_mesh(cfg.mesh) if mesh is None else mesh
     # a mesh with Explicit axes (jax.make_mesh's default) needs JAX's mesh context for eager
     # and jitted work on arrays whose sharding is part of their type
     with jax.set_mesh(mesh) if has_explicit_axes(mesh) else contextlib.nullcontext():
-        return _train(cfg, task, mesh, callbacks, desc)
+        return _train(cfg, task, mesh, callbacks, desc, optimizer)
 
 
 def _train(cfg: ExperimentConfig, task: Task, mesh: jax.sharding.Mesh,
-           callbacks: Sequence[Callable[[int, dict[str, Any]], None]], desc: str) -> TrainResult:
+           callbacks: Sequence[Callable[[int, dict[str, Any]], None]], desc: str,
+           optimizer: optax.GradientTransformation | None = None) -> TrainResult:
     """:func:`train` on a resolved mesh (inside its mesh context when it has Explicit axes)."""
     run, t0 = cfg.run, time.time()
     rules = mesh_rules(cfg.mesh)
     batch_sh = batch_sharding(mesh, rules)
     _check_batch_split(run, cfg.optim.accumulate_steps, mesh, batch_sh)
-    tx = make_optimizer(cfg.optim, run.steps)
+    tx = make_optimizer(cfg.optim, run.steps) if optimizer is None else optimizer
+    optimizer_kind = "cfg.optim" if optimizer is None else "custom"
     graphdef, state, shardings = _init_state(task, run.seed, tx, mesh, rules)
     train_jit, eval_jit = _compile_steps(graphdef, task, tx, cfg, mesh, rules, shardings,
                                          batch_sh)
     ckpt = Checkpointer(run.checkpoint_dir, keep=run.keep, async_save=run.async_save) \
         if run.checkpoint_dir else None
+    signature = _state_signature(state)
+    meta: dict[str, Any] = {}
+    latest = ckpt.latest_step() if ckpt is not None else None
+    if latest is not None:  # before restoring: a changed model must not look like corruption
+        _check_resume(ckpt.metadata(latest), latest, cfg, optimizer_kind, signature,
+                      run.checkpoint_dir)
     resumed_from, state = _restore(ckpt, state, shardings)
+    if resumed_from is not None:
+        meta = ckpt.metadata(resumed_from)
+        if resumed_from != latest:
+            _check_resume(meta, resumed_from, cfg, optimizer_kind, signature,
+                          run.checkpoint_dir)
     step = resumed_from or 0
+    saved_meta = {"config": json_config(cfg), "optimizer": optimizer_kind,
+                  "state_signature": signature}
 
-    dataset = train_dataset(task.train_source, global_batch_size=run.batch_size, seed=run.seed)
+    dataset, iter_batches = _train_batches(task, cfg, step, meta)
     writer = MetricsWriter(run.log_dir or None)
     bar = ProgressBar(run.steps, initial=step, enabled=run.progress, desc=desc)
     evaluate = functools.partial(_evaluate, eval_jit, task.eval_source, run, batch_sh)
-    progress = _Progress(last_saved=resumed_from)
+    progress = _Progress(last_saved=resumed_from,
+                         health=jax.device_put(_initial_health(), NamedSharding(mesh, P())))
     batches = Prefetcher(dataset, step, run.steps, depth=run.prefetch)
     try:
         while step < run.steps:
-            state, metrics = _train_step(train_jit, state,
-                                         global_batch(batches.get(step), batch_sh), step)
+            state, progress.health, metrics = _train_step(
+                train_jit, state, progress.health, global_batch(batches.get(step), batch_sh),
+                step)
             step += 1
             progress.record(step, metrics)
             for cb in callbacks:
@@ -532,7 +694,9 @@ def _train(cfg: ExperimentConfig, task: Task, mesh: jax.sharding.Mesh,
             if eval_jit is not None and _is_eval_step(run, step):
                 _eval_mid_run(progress, step, evaluate(state), writer, run)
             if ckpt is not None and _is_save_step(run, step, progress.stopped_early):
-                _save(progress, ckpt, step, state)
+                extra = {} if iter_batches is None else \
+                    {"data_state": iter_batches.state_after(step)}
+                _save(progress, ckpt, step, state, {**saved_meta, **extra})
             if progress.stopped_early:
                 break
         progress.check_finite()
@@ -541,6 +705,8 @@ def _train(cfg: ExperimentConfig, task: Task, mesh: jax.sharding.Mesh,
             _log_eval(progress, step, evaluate(state), writer)
     finally:
         batches.close()
+        if iter_batches is not None:
+            iter_batches.close()
         bar.close()
         writer.close()
         if ckpt is not None:
