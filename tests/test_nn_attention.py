@@ -135,3 +135,28 @@ def test_decode_past_the_cache_end_raises_eagerly_and_poisons_under_jit():
     assert all(bool(jnp.all(jnp.isnan(o))) for o in past)
     with pytest.raises(ValueError, match=r"\[B, T, 8\]"):
         m(jnp.ones((1, 2, 9)))
+
+
+def test_flax_call_options_is_causal_sow_weights_and_init_cache_shape():
+    """flax.nnx.MultiHeadAttention's call options: ``is_causal=`` per call, ``sow_weights=``
+    storing the probabilities [B, N, T, S] as nnx.Intermediate, and ``init_cache(input_shape,
+    dtype)``."""
+    layer = MultiHeadAttention(4, 16, num_kv_heads=2, rngs=nnx.Rngs(0))
+    causal = MultiHeadAttention(4, 16, num_kv_heads=2, is_causal=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 16)), jnp.float32)
+    np.testing.assert_array_equal(layer(x, is_causal=True), causal(x))
+    assert max_err(layer(x), causal(x)) > 1e-3  # the per-call flag does something
+    y = layer(x, is_causal=True, sow_weights=True)
+    weights = nnx.pop(layer, nnx.Intermediate)["attention_weights"]
+    (w,) = jax.tree.leaves(weights)
+    assert w.shape == (2, 4, 7, 7)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(np.triu(np.asarray(w[0, 0]), 1), 0.0)  # causal
+    _, _, v = layer._project_qkv(x, None, None)
+    out = jnp.einsum("bnts,bskh->btnkh", w, v)  # kv head k serves query heads 2k, 2k + 1
+    out = jnp.stack([out[:, :, n, n // 2] for n in range(4)], axis=2)
+    np.testing.assert_allclose(layer._output(out), y, atol=1e-5)
+    layer.init_cache((2, 12, 16), jnp.float32)
+    assert layer.cached_key.shape == (2, 12, 2, 4)
+    with pytest.raises(TypeError, match="max_length"):
+        layer.init_cache(2)

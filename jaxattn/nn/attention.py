@@ -9,6 +9,7 @@ Parameters carry logical sharding names (``embed``, ``heads``, ``kv_heads``, ``h
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,10 +19,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
+from jaxattn.core.dense import attention_probabilities
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import dot_product_attention
+from jaxattn.ops.call import make_call
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel.logical import constrain
 
@@ -159,8 +162,19 @@ class MultiHeadAttention(nnx.Module):
             y = y + bias[...].astype(dtype)
         return y
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
-        """Allocate the KV cache ``[batch_size, max_length, K, H]`` for autoregressive decoding."""
+    def init_cache(self, batch_size, max_length: int | None = None, dtype: Any = None) -> None:
+        """Allocate the KV cache ``[batch_size, max_length, K, H]`` for autoregressive decoding.
+
+        Also takes flax's form ``init_cache(input_shape, dtype)`` with ``input_shape = (B,
+        max_length, features)`` (or any ``(..., max_length, features)`` whose leading axes
+        multiply to the batch)."""
+        if isinstance(batch_size, tuple | list):  # flax.nnx.MultiHeadAttention's signature
+            shape, dtype = tuple(batch_size), max_length if dtype is None else dtype
+            if len(shape) < 2:
+                raise ValueError(f"input_shape must be (batch, max_length, features), got {shape}")
+            batch_size, max_length = math.prod(shape[:-2]) if len(shape) > 2 else 1, shape[-2]
+        elif max_length is None:
+            raise TypeError("init_cache needs max_length (or flax's input_shape tuple)")
         dtype = dtype or self.dtype or self.param_dtype
         shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
@@ -184,6 +198,8 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs | None = None,
         decode: bool | None = None,
         head_weights=None,
+        is_causal: bool | None = None,
+        sow_weights: bool = False,
     ):
         """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
 
@@ -193,6 +209,10 @@ class MultiHeadAttention(nnx.Module):
         decoding, the cache index onward). ``mask``, ``bias`` and segment ids are passed to
         ``attention_fn``. ``head_weights [B, T, N]`` scales each head's output per token before
         the output projection (mixtures of heads, e.g. MoH); ``None`` = every head weight 1.
+        ``is_causal=True`` adds the causal mask for this call (as flax's ``is_causal``; a layer
+        built causal stays causal). ``sow_weights=True`` stores the attention probabilities
+        ``[B, N, T, S]`` (before dropout) as ``nnx.Intermediate`` ``attention_weights``, as
+        flax does (computed densely from the same q, k, mask and bias: O(T S) memory).
 
         With ``decode=True`` the step's keys/values are appended to the cache at the cache
         index. A step that would run past ``max_length`` raises when the index is concrete;
@@ -213,7 +233,7 @@ class MultiHeadAttention(nnx.Module):
         if self.rope_theta is not None:
             q, k = self._rope(q, k, positions, offset, self_attention)
         mask = self._layer_and_call_mask(mask)
-        is_causal = self.is_causal
+        is_causal = self.is_causal or bool(is_causal)
         if decode:
             if mask is not None:
                 raise ValueError("decoding supports only the causal mask (got an extra mask)")
@@ -224,6 +244,8 @@ class MultiHeadAttention(nnx.Module):
                                         deterministic, rngs)
         attention_fn = self.decode_attention_fn if decode else self.attention_fn
         out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
+        if sow_weights:
+            self._sow_weights(q, k, bias, kwargs)
         y = self._output(out, head_weights)
         if decode and isinstance(offset, jax.core.Tracer):
             # Under jit the cache position is traced: a step past the cache end cannot raise,
@@ -231,6 +253,20 @@ class MultiHeadAttention(nnx.Module):
             # of returning a silently wrong answer (this and every later step).
             y = jnp.where(offset + q.shape[1] > self.cached_key.shape[1], jnp.nan, y)
         return constrain(y, ("batch", "length", "embed"))
+
+    def _sow_weights(self, q, k, bias, kwargs) -> None:
+        """Sow ``attention_weights [B, N, T, S]``: the probabilities ``attention_fn`` used
+        (mask, causality, segment ids, soft-cap and sinks of ``kwargs``; before dropout)."""
+        call, _ = make_call(q, k, k, bias, kwargs.get("mask"), scale=None,
+                            is_causal=kwargs.get("is_causal", False),
+                            query_segment_ids=kwargs.get("query_segment_ids"),
+                            kv_segment_ids=kwargs.get("kv_segment_ids"),
+                            logits_soft_cap=kwargs.get("logits_soft_cap"),
+                            sinks=kwargs.get("sinks"))
+        probs, _ = attention_probabilities(
+            call.query, call.key, call.bias, call.full_mask, scale=call.scale,
+            logits_soft_cap=call.logits_soft_cap, sinks=call.sinks)
+        self.sow(nnx.Intermediate, "attention_weights", probs.astype(q.dtype))
 
     # ---- the steps of a forward pass ----------------------------------------------------------
     def project_query(self, inputs_q):
