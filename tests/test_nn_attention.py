@@ -160,3 +160,19 @@ def test_flax_call_options_is_causal_sow_weights_and_init_cache_shape():
     assert layer.cached_key.shape == (2, 12, 2, 4)
     with pytest.raises(TypeError, match="max_length"):
         layer.init_cache(2)
+
+
+def test_normalize_qk_is_flax_layer_norm_and_rms_on_request():
+    """``normalize_qk=True`` normalises each head's q and k like flax (LayerNorm, scale only):
+    zero mean, unit variance over head_dim; ``"rms"`` keeps the mean (RMSNorm)."""
+    x = jnp.asarray(np.random.default_rng(1).normal(1.0, 2.0, size=(1, 5, 16)), jnp.float32)
+    flaxlike = MultiHeadAttention(2, 16, normalize_qk=True, rngs=nnx.Rngs(0))
+    assert isinstance(flaxlike.query_ln, nnx.LayerNorm) and flaxlike.query_ln.bias is None
+    q = flaxlike.project_query(x)
+    np.testing.assert_allclose(q.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(q.var(-1), 1.0, atol=1e-3)
+    rms = MultiHeadAttention(2, 16, normalize_qk="rms", rngs=nnx.Rngs(0))
+    assert isinstance(rms.key_ln, nnx.RMSNorm)
+    np.testing.assert_allclose((rms.project_query(x) ** 2).mean(-1), 1.0, atol=1e-3)
+    with pytest.raises(ValueError, match="normalize_qk must be"):
+        MultiHeadAttention(2, 16, normalize_qk="batch", rngs=nnx.Rngs(0))

@@ -44,6 +44,8 @@ class MultiHeadAttention(nnx.Module):
     Args:
       num_kv_heads: key/value heads ``K`` (``num_heads % K == 0``); default ``num_heads``
         (flax's fifth positional argument, as there).
+      normalize_qk: ``True`` / ``"layer"``: flax's QK norm (``LayerNorm`` per head, scale only,
+        same parameter layout); ``"rms"``: ``RMSNorm`` instead.
       rope_theta: apply rotary embeddings to q and k with this base (None: no RoPE).
       is_causal: causal self-attention (also required for decoding).
       mask: a default :class:`jaxattn.masks.Mask` ANDed with the call's mask.
@@ -83,7 +85,7 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = True,
         attention_fn: Callable = dot_product_attention,
         decode: bool | None = None,
-        normalize_qk: bool = False,
+        normalize_qk: bool | str = False,
         rope_theta: float | None = None,
         is_causal: bool = False,
         mask: masks_lib.Mask | None = None,
@@ -139,8 +141,8 @@ class MultiHeadAttention(nnx.Module):
             self.out_bias = logical_param(rngs, out_bias_init, (out_features,), param_dtype,
                                           ("embed",))
         if normalize_qk:
-            self.query_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.key_ln = nnx.RMSNorm(h, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.query_ln, self.key_ln = (_qk_norm(normalize_qk, h, dtype, param_dtype, rngs)
+                                          for _ in range(2))
         self.sinks = (
             logical_param(rngs, nnx.initializers.zeros_init(), (n,), param_dtype, ("heads",))
             if use_sinks else None
@@ -373,6 +375,17 @@ class MultiHeadAttention(nnx.Module):
         if self.use_bias:
             y = y + self.out_bias[...].astype(dtype)
         return y
+
+
+def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:
+    """The per-head query / key norm: ``True`` or ``"layer"`` is flax's (``LayerNorm`` with a
+    scale and no bias, ViT-22B's QK norm), ``"rms"`` an ``RMSNorm``."""
+    if kind is True or kind == "layer":
+        return nnx.LayerNorm(head_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+    if kind == "rms":
+        return nnx.RMSNorm(head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    raise ValueError(f"normalize_qk must be False, True, 'layer' or 'rms', got {kind!r}")
 
 
 def _contract(subscripts: str, x, w):
