@@ -176,3 +176,19 @@ def test_normalize_qk_is_flax_layer_norm_and_rms_on_request():
     np.testing.assert_allclose((rms.project_query(x) ** 2).mean(-1), 1.0, atol=1e-3)
     with pytest.raises(ValueError, match="normalize_qk must be"):
         MultiHeadAttention(2, 16, normalize_qk="batch", rngs=nnx.Rngs(0))
+
+
+def test_nnx_view_switches_dropout_and_decode():
+    """``nnx.view(model, deterministic=True)`` turns attention dropout off (two eval calls are
+    equal and equal the dropout-free layer); ``decode=True`` allocates the cache."""
+    if not hasattr(nnx, "view"):
+        pytest.skip("nnx.view needs a newer flax")
+    m = MultiHeadAttention(2, 8, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+    x = jax.random.normal(jax.random.key(0), (1, 5, 8))
+    assert max_err(m(x), m(x)) > 0.0  # training view: dropout on
+    ev = nnx.view(m, deterministic=True)
+    np.testing.assert_array_equal(ev(x), ev(x))
+    np.testing.assert_array_equal(ev(x), m(x, deterministic=True))
+    dec = nnx.view(MultiHeadAttention(2, 8, is_causal=True, rngs=nnx.Rngs(0)), decode=True,
+                   batch_size=1, max_length=6)
+    assert dec.decode and dec.cached_key.shape == (1, 6, 2, 4)

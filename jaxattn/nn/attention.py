@@ -183,6 +183,22 @@ class MultiHeadAttention(nnx.Module):
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
 
+    def set_view(self, deterministic: bool | None = None, decode: bool | None = None,
+                 batch_size: int | tuple | None = None, max_length: int | None = None):
+        """``nnx.view`` / ``set_view`` hook, as flax's: ``deterministic`` switches attention
+        dropout off (True) or on; ``decode`` switches KV-cache decoding, allocating the cache
+        from ``batch_size`` and ``max_length`` when there is none."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+            if decode and self.cached_key is None:
+                if batch_size is None or max_length is None:
+                    raise TypeError("batch_size and max_length are needed to allocate the cache")
+                batch = math.prod(batch_size) if isinstance(batch_size, tuple | list) \
+                    else batch_size
+                self.init_cache(batch, max_length)
+
     # ---- forward ------------------------------------------------------------------------------
     def __call__(
         self,
