@@ -192,3 +192,15 @@ def test_nnx_view_switches_dropout_and_decode():
     dec = nnx.view(MultiHeadAttention(2, 8, is_causal=True, rngs=nnx.Rngs(0)), decode=True,
                    batch_size=1, max_length=6)
     assert dec.decode and dec.cached_key.shape == (1, 6, 2, 4)
+
+
+def test_flax_float_masks_are_read_as_boolean():
+    m = MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    float_mask = nnx.make_causal_mask(jnp.ones((2, 5)))  # float32 [B, 1, T, T] of 0 / 1
+    assert float_mask.dtype == jnp.float32
+    np.testing.assert_array_equal(m(x, mask=float_mask), m(x, is_causal=True))
+    with pytest.raises(TypeError, match="values must be 0 or 1"):
+        m(x, mask=jnp.where(float_mask > 0, 0.0, -1e9))  # an additive mask: refused
+    with pytest.raises(TypeError, match="must be concrete"):
+        jax.jit(lambda mk: m(x, mask=mk))(float_mask)
