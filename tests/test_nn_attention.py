@@ -204,3 +204,27 @@ def test_flax_float_masks_are_read_as_boolean():
         m(x, mask=jnp.where(float_mask > 0, 0.0, -1e9))  # an additive mask: refused
     with pytest.raises(TypeError, match="must be concrete"):
         jax.jit(lambda mk: m(x, mask=mk))(float_mask)
+
+
+def test_dot_product_attention_is_a_flax_attention_fn():
+    """``nnx.MultiHeadAttention(attention_fn=jaxattn.dot_product_attention)`` equals flax's own
+    layer (float causal mask, sown weights); dropout needs broadcast_dropout=False."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    mask = nnx.make_causal_mask(jnp.ones((2, 6)))  # float32, as flax builds it
+    build = lambda **kw: nnx.MultiHeadAttention(4, 16, 16, decode=False, rngs=nnx.Rngs(0), **kw)
+    theirs, ours = build(), build(attention_fn=jaxattn.dot_product_attention)
+    a = theirs(x, mask=mask, deterministic=True, sow_weights=True)
+    b = ours(x, mask=mask, deterministic=True, sow_weights=True)
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    wa, wb = (jax.tree.leaves(nnx.pop(m, nnx.Intermediate)) for m in (theirs, ours))
+    np.testing.assert_allclose(wb[0], wa[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="broadcast_dropout=False"):
+        build(dropout_rate=0.3, attention_fn=jaxattn.dot_product_attention)(
+            x, deterministic=False, rngs=nnx.Rngs(1))
+    drop = build(dropout_rate=0.3, broadcast_dropout=False,
+                 attention_fn=jaxattn.dot_product_attention)
+    assert max_err(drop(x, deterministic=False, rngs=nnx.Rngs(1)),
+                   drop(x, deterministic=True)) > 1e-3
+    with pytest.raises(ValueError, match="precision"):
+        jaxattn.dot_product_attention(x[..., None], x[..., None], x[..., None],
+                                      precision="highest")

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -25,7 +24,7 @@ from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import dot_product_attention
-from jaxattn.ops.call import make_call
+from jaxattn.ops.call import float_mask_as_bool, make_call
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel.logical import constrain
 
@@ -344,7 +343,7 @@ class MultiHeadAttention(nnx.Module):
         """The layer's default mask AND the call's mask (either may be None). A float 0/1 mask
         (flax's ``nnx.make_causal_mask`` / ``make_attention_mask``) is read as boolean, as flax
         reads it; other float masks are refused (an additive mask belongs in ``bias``)."""
-        mask = _boolean_mask(mask)
+        mask = float_mask_as_bool(mask)
         call_mask = masks_lib.as_mask(mask)
         if call_mask is None:
             return self.mask
@@ -395,24 +394,6 @@ class MultiHeadAttention(nnx.Module):
         if self.use_bias:
             y = y + self.out_bias[...].astype(dtype)
         return y
-
-
-def _boolean_mask(mask):
-    """``mask`` with a concrete float array of only 0 and 1 turned boolean (flax's mask
-    helpers return float32); every other mask is returned unchanged (make_call checks it)."""
-    if mask is None or isinstance(mask, masks_lib.Mask) or not hasattr(mask, "dtype"):
-        return mask
-    if not jnp.issubdtype(mask.dtype, jnp.floating):
-        return mask
-    if isinstance(mask, jax.core.Tracer):
-        raise TypeError(f"a float mask (shape {mask.shape}) must be concrete to be read as "
-                        "0/1; pass a boolean mask under jit (flax's make_causal_mask(..., "
-                        "dtype=bool)), or an additive mask as bias")
-    values = np.unique(np.asarray(mask))
-    if not set(values.tolist()) <= {0.0, 1.0}:
-        raise TypeError(f"float mask values must be 0 or 1 (got {values[:4].tolist()}...); "
-                        "pass additive masks as bias")
-    return np.asarray(mask) != 0
 
 
 def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:

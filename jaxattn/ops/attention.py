@@ -13,9 +13,10 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
+from jaxattn.core.dense import attention_probabilities
 from jaxattn.ops import backends as _backends  # noqa: F401  (registers every backend)
 from jaxattn.ops import registry
-from jaxattn.ops.call import ATTENTION, AttentionCall, make_call
+from jaxattn.ops.call import ATTENTION, AttentionCall, float_mask_as_bool, make_call
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.typing import (
     Bias,
@@ -57,6 +58,12 @@ def dot_product_attention(
     dropout_index=None,
     score_mod=None,
     score_mod_args=(),
+    deterministic: bool | None = None,
+    broadcast_dropout: bool | None = None,
+    dtype=None,
+    precision=None,
+    module=None,
+    promote_dtype=None,
 ):
     """Scaled dot-product attention (Vaswani et al., "Attention Is All You Need", 2017).
 
@@ -99,6 +106,14 @@ def dot_product_attention(
         ``[1, 1, 1, S]``); ``score_mod_args`` (arrays: ALiBi slopes, a relative-position table)
         get gradients. ``xla_chunked`` applies it per tile, forward and backward, so no
         ``[T, S]`` bias is built; ready-made ones in :mod:`jaxattn.score_mods`.
+      deterministic, broadcast_dropout, dtype, precision, module, promote_dtype: the keywords
+        ``flax.nnx.MultiHeadAttention`` passes its ``attention_fn``, so this function can be
+        one: ``deterministic=True`` turns dropout off; ``broadcast_dropout=True`` with dropout
+        on is refused (jaxattn draws one keep decision per entry; build the flax layer with
+        ``broadcast_dropout=False``); ``dtype`` casts q, k, v; ``module`` receives the
+        probabilities ``[B, N, T, S]`` as ``nnx.Intermediate`` ``attention_weights`` (flax's
+        ``sow_weights``); ``precision`` / ``promote_dtype`` other than None are refused. A float
+        0/1 mask (flax's ``make_causal_mask``) is read as boolean.
       dropout_index: for sharded callers: a :class:`jaxattn.core.dropout.DropoutIndex` giving
         this call's place (batch / head offsets, global query / key positions, the seed) in the
         larger call it is a shard of, so it drops exactly that call's entries
@@ -116,6 +131,13 @@ def dot_product_attention(
       ValueError / TypeError: on bad shapes or dtypes, naming the argument; ValueError when
         ``implementation`` names a backend that cannot run this call, saying why.
     """
+    flax_options = dict(deterministic=deterministic, broadcast_dropout=broadcast_dropout,
+                        dtype=dtype, precision=precision, module=module,
+                        promote_dtype=promote_dtype)
+    if any(v is not None for v in flax_options.values()):  # called as flax's attention_fn
+        arguments = {k: v for k, v in locals().items() if k not in flax_options
+                     and k != "flax_options"}
+        return _as_flax_attention_fn(arguments, **flax_options)
     explicit_mesh = explicit_mesh_of(query, key, value)
     if explicit_mesh is not None:  # sharding in types: run the math on Auto axes
         arguments = dict(locals())
@@ -140,6 +162,42 @@ def dot_product_attention(
         out = out[0]
         lse = None if lse is None else lse[0]
     return (out, lse) if return_lse else out
+
+
+def _as_flax_attention_fn(arguments: dict, *, deterministic, broadcast_dropout, dtype,
+                          precision, module, promote_dtype):
+    """:func:`dot_product_attention` of ``arguments`` under the keywords flax passes its
+    ``attention_fn`` (see the docstring there)."""
+    if precision is not None:
+        raise ValueError(f"precision={precision!r} is not supported (jaxattn computes logits and "
+                         "softmax in f32 whatever the input dtype); pass precision=None")
+    if promote_dtype is not None:
+        raise ValueError("promote_dtype is not supported: pass q, k, v of one dtype (or dtype=)")
+    if deterministic:
+        arguments.update(dropout_rate=0.0, dropout_rng=None)
+    if arguments["dropout_rate"] > 0 and broadcast_dropout:
+        raise ValueError("broadcast_dropout=True shares one dropout mask over batch and heads; "
+                         "jaxattn draws one keep decision per entry (the same in every backend): "
+                         "build the flax layer with broadcast_dropout=False")
+    if dtype is not None:
+        for name in ("query", "key", "value"):
+            arguments[name] = arguments[name].astype(dtype)
+    arguments["mask"] = float_mask_as_bool(arguments["mask"])
+    out = dot_product_attention(**arguments)
+    if module is not None:
+        from flax import nnx
+
+        call, _ = make_call(
+            arguments["query"], arguments["key"], arguments["value"], arguments["bias"],
+            arguments["mask"], scale=arguments["scale"], is_causal=arguments["is_causal"],
+            query_segment_ids=arguments["query_segment_ids"],
+            kv_segment_ids=arguments["kv_segment_ids"],
+            logits_soft_cap=arguments["logits_soft_cap"], sinks=arguments["sinks"])
+        probs, _ = attention_probabilities(
+            call.query, call.key, call.bias, call.full_mask, scale=call.scale,
+            logits_soft_cap=call.logits_soft_cap, sinks=call.sinks)
+        module.sow(nnx.Intermediate, "attention_weights", probs.astype(call.query.dtype))
+    return out
 
 
 def _on_auto_axes(mesh, arguments: dict):

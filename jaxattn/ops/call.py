@@ -24,7 +24,7 @@ __all__ = [
     "ATTENTION", "NEIGHBORHOOD", "AttentionCall", "make_call", "NeighborhoodCall",
     "make_neighborhood_call", "platform_of", "describe", "describe_all", "check_arrays",
     "check_floating_same_dtype", "check_floating_array", "check_common_rank", "pad_to_rank",
-    "check_broadcast", "TENSOR", "TensorAttentionCall", "make_tensor_call",
+    "check_broadcast", "TENSOR", "TensorAttentionCall", "make_tensor_call", "float_mask_as_bool",
 ]
 
 ATTENTION = "attention"  # registry primitive of dot_product_attention
@@ -192,6 +192,26 @@ def _bind_bias(bias, bnts: dict[str, int]):
     bias = pad_to_rank("bias", bias, 4)
     check_broadcast(f"bias {describe(bias)}", bias.shape, bnts)
     return bias
+
+
+def float_mask_as_bool(mask):
+    """``mask`` with a concrete float array of only 0 and 1 turned boolean (flax's mask helpers,
+    e.g. ``nnx.make_causal_mask``, return float32 and flax reads nonzero as "attend"); any other
+    mask is returned unchanged. A float mask with other values (an additive mask) or a traced
+    one is refused: it cannot be told apart from a bias."""
+    if mask is None or isinstance(mask, masks_lib.Mask) or not hasattr(mask, "dtype"):
+        return mask
+    if not jnp.issubdtype(mask.dtype, jnp.floating):
+        return mask
+    if isinstance(mask, jax.core.Tracer):
+        raise TypeError(f"a float mask (shape {tuple(mask.shape)}) must be concrete to be read "
+                        "as 0/1; pass a boolean mask under jit (flax's make_causal_mask(..., "
+                        "dtype=bool)), or an additive mask as bias")
+    values = np.unique(np.asarray(mask))
+    if not set(values.tolist()) <= {0.0, 1.0}:
+        raise TypeError(f"float mask values must be 0 or 1 (got {values[:4].tolist()}...); "
+                        "pass additive masks as bias")
+    return np.asarray(mask) != 0
 
 
 def _bind_mask(mask, bnts: dict[str, int]) -> masks_lib.Mask:
