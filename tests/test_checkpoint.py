@@ -205,3 +205,26 @@ def test_restore_onto_a_smaller_mesh(tmp_path):
     assert kernel4.sharding.spec[0] == "data"
     for x, y in zip(_params(first), _params(again), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unwritable_checkpoint_directory_fails_before_training(tmp_path):
+    """A checkpoint directory that cannot be written (under a file; read-only when not root) is
+    reported with its path before any step runs."""
+    import stat
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    bad_dirs = [blocker / "ckpt"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:  # root ignores directory permissions
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        bad_dirs.append(ro / "ckpt")
+    steps_run = []
+    try:
+        for bad in bad_dirs:
+            with pytest.raises(OSError, match="not writable"):
+                train(_cfg(bad, 4), _task(), callbacks=[lambda s, m: steps_run.append(s)])
+    finally:
+        ro.chmod(stat.S_IRWXU)
+    assert steps_run == []  # refused before the first step

@@ -15,6 +15,7 @@ the latest good checkpoint onto the current mesh.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import time
@@ -32,6 +33,27 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _check_writable(directory: pathlib.Path) -> None:
+    """Create ``directory`` and write, read back and delete a small probe file in it, so a
+    read-only, missing-permission or full checkpoint directory fails before training starts
+    (not at the first save, an hour in), with the path and the reason."""
+    probe = directory / f".write_probe_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        if probe.read_bytes() != b"\0" * 4096:
+            raise OSError("the probe file read back differently")
+    except OSError as err:
+        raise OSError(f"checkpoint directory {str(directory)!r} is not writable "
+                      f"({err.strerror or err}); fix it or choose another run.checkpoint_dir "
+                      "before training") from err
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # the directory itself could not be made: nothing to remove
+            pass
+
+
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for a single pytree ``state``."""
 
@@ -39,6 +61,7 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = pathlib.Path(directory).absolute()
+        _check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
