@@ -228,3 +228,52 @@ def test_unwritable_checkpoint_directory_fails_before_training(tmp_path):
     finally:
         ro.chmod(stat.S_IRWXU)
     assert steps_run == []  # refused before the first step
+
+
+def test_bit_flipped_and_truncated_checkpoints_fall_back_to_the_previous(tmp_path, capfd):
+    """One flipped bit in each data file of the newest checkpoint (the OCDBT database under
+    ``default/d/``; the per-process files beside it may be superseded data), or those files
+    truncated: reported, moved aside, and the run resumes from the previous checkpoint."""
+    for damage in ("bit_flip", "truncate"):
+        ckpt = tmp_path / damage
+        train(_cfg(ckpt, 6), _task())
+        for data in (ckpt / "6").rglob("*"):
+            if not (data.is_file() and "/d/" in str(data)):
+                continue
+            raw = bytearray(data.read_bytes())
+            if damage == "bit_flip":
+                raw[len(raw) // 2] ^= 0x10
+            else:
+                raw = raw[: len(raw) // 3]
+            data.write_bytes(bytes(raw))
+        res = train(_cfg(ckpt, 6), _task())
+        err = capfd.readouterr().err
+        assert "step 6" in err and "unreadable" in err, damage
+        assert res.resumed_from == 4 and res.step == 6, damage
+
+
+def test_silent_corruption_is_caught_by_content_checksums(tmp_path, monkeypatch, capfd):
+    """A restore that decodes but returns other bits than were saved (a flip the storage did
+    not notice) is rejected by the saved checksums, and the previous step is used."""
+    from jaxattn.train.checkpoint import Checkpointer, state_checksums
+
+    ck = Checkpointer(tmp_path / "c", async_save=False)
+    for step, value in ((1, 1.0), (2, 2.0)):
+        ck.save(step, {"w": jnp.full((4, 4), value)})
+    ck.wait()
+    real_restore = ck.manager.restore
+
+    def flip_one_bit_of_step_2(step, args):
+        state = real_restore(step, args=args)
+        if step == 2:
+            bits = jax.lax.bitcast_convert_type(state["w"], jnp.uint32)
+            state = {"w": jax.lax.bitcast_convert_type(bits.at[1, 2].add(1), jnp.float32)}
+        return state
+
+    monkeypatch.setattr(ck.manager, "restore", flip_one_bit_of_step_2)
+    abstract = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+    step, state = ck.restore_latest(abstract)
+    assert step == 1 and float(state["w"][0, 0]) == 1.0
+    assert "checksums differ" in capfd.readouterr().err
+    assert state_checksums({"w": jnp.ones(3)}) != state_checksums({"w": jnp.ones(3) * 2})
+    ck.close()
