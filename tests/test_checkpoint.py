@@ -122,7 +122,10 @@ def _saved(ckpt, step):
     return any(s >= step for s in _steps(ckpt))
 
 
-def test_sigkill_then_resume_gives_identical_parameters(tmp_path):
+@pytest.mark.parametrize("when", ["right_after_save", "mid_steps"])
+def test_sigkill_then_resume_gives_identical_parameters(tmp_path, when):
+    """SIGKILL as soon as the step-12 checkpoint is visible, or 0.25 s later (between saves,
+    steps in flight), then resume: the final parameters equal an uninterrupted run's."""
     deadline = time.time() + 240
     ref = _child(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref.npz", 0.0)
     # The killed run starts once the reference has compiled its train step and saved a first
@@ -133,6 +136,8 @@ def test_sigkill_then_resume_gives_identical_parameters(tmp_path):
     while time.time() < deadline and not _saved(tmp_path / "ckpt", 12):
         assert killed.poll() is None, killed.stdout.read()
         time.sleep(0.05)
+    if when == "mid_steps":
+        time.sleep(0.25)  # the child sleeps 0.1 s per step: a kill between saves 12 and 16
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL

@@ -141,7 +141,7 @@ def dot_product_attention(
     explicit_mesh = explicit_mesh_of(query, key, value)
     if explicit_mesh is not None:  # sharding in types: run the math on Auto axes
         arguments = dict(locals())
-        del arguments["explicit_mesh"]
+        del arguments["explicit_mesh"], arguments["flax_options"]
         return _on_auto_axes(explicit_mesh, arguments)
     call, squeezed = make_call(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal,
