@@ -27,6 +27,13 @@ def _grouped(query, num_kv_heads):
     return query.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
 
 
+def _entry_indices(shape):
+    """``(b, n, t, s)`` index arrays of a ``[B, N, T, S]`` array, shaped to broadcast
+    (``[B, 1, 1, 1]``, ``[1, N, 1, 1]``, ...)."""
+    return tuple(jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
+                 for i, d in enumerate(shape))
+
+
 def _logits(query, key, bias, mask, scale, logits_soft_cap, score_mod=None, score_mod_args=()):
     """f32 logits ``[B, N, T, S]`` with masked entries at -inf: ``scale * Q K^T + bias``, then
     ``score_mod`` (at every entry's indices), then the soft-cap, then the mask."""
@@ -38,9 +45,8 @@ def _logits(query, key, bias, mask, scale, logits_soft_cap, score_mod=None, scor
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if score_mod is not None:
-        idx = [jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
-               for i, d in enumerate(logits.shape)]
-        logits = apply_score_mod(score_mod, logits, *idx, score_mod_args)
+        logits = apply_score_mod(score_mod, logits, *_entry_indices(logits.shape),
+                                 score_mod_args)
     logits = sm.soft_cap(logits, logits_soft_cap)
     mask = masks_lib.as_mask(mask)
     if mask is not None:
@@ -111,8 +117,7 @@ def attention_reference(
         score_mod=score_mod, score_mod_args=score_mod_args,
     )
     if dropout_rate > 0.0:  # the position-hash mask every implementation shares
-        bb, nn_, tt, ss = (jnp.arange(d).reshape([-1 if i == j else 1 for j in range(4)])
-                           for i, d in enumerate(probs.shape))
+        bb, nn_, tt, ss = _entry_indices(probs.shape)
         seed = dropout_index if dropout_index is not None else \
             dropout_lib.dropout_seed(dropout_rng)
         keep = dropout_lib.keep_mask_of(seed, bb, nn_, tt, ss, dropout_rate, n)

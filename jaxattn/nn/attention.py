@@ -19,12 +19,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
-from jaxattn.core.dense import attention_probabilities
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
-from jaxattn.ops.attention import dot_product_attention
-from jaxattn.ops.call import float_mask_as_bool, make_call
+from jaxattn.ops.attention import attention_weights, dot_product_attention
+from jaxattn.ops.call import float_mask_as_bool
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel.logical import constrain
 
@@ -275,15 +274,9 @@ class MultiHeadAttention(nnx.Module):
     def _sow_weights(self, q, k, bias, kwargs) -> None:
         """Sow ``attention_weights [B, N, T, S]``: the probabilities ``attention_fn`` used
         (mask, causality, segment ids, soft-cap and sinks of ``kwargs``; before dropout)."""
-        call, _ = make_call(q, k, k, bias, kwargs.get("mask"), scale=None,
-                            is_causal=kwargs.get("is_causal", False),
-                            query_segment_ids=kwargs.get("query_segment_ids"),
-                            kv_segment_ids=kwargs.get("kv_segment_ids"),
-                            logits_soft_cap=kwargs.get("logits_soft_cap"),
-                            sinks=kwargs.get("sinks"))
-        probs, _ = attention_probabilities(
-            call.query, call.key, call.bias, call.full_mask, scale=call.scale,
-            logits_soft_cap=call.logits_soft_cap, sinks=call.sinks)
+        names = ("mask", "is_causal", "query_segment_ids", "kv_segment_ids", "logits_soft_cap",
+                 "sinks")
+        probs = attention_weights(q, k, bias, **{n: kwargs[n] for n in names if n in kwargs})
         self.sow(nnx.Intermediate, "attention_weights", probs.astype(q.dtype))
 
     # ---- the steps of a forward pass ----------------------------------------------------------

@@ -29,7 +29,8 @@ from jaxattn.typing import (
     Value,
 )
 
-__all__ = ["dot_product_attention", "explain", "AttentionCall", "make_call", "PRIMITIVE"]
+__all__ = ["dot_product_attention", "attention_weights", "explain", "AttentionCall", "make_call",
+           "PRIMITIVE"]
 
 PRIMITIVE = ATTENTION
 
@@ -187,17 +188,32 @@ def _as_flax_attention_fn(arguments: dict, *, deterministic, broadcast_dropout, 
     if module is not None:
         from flax import nnx
 
-        call, _ = make_call(
-            arguments["query"], arguments["key"], arguments["value"], arguments["bias"],
-            arguments["mask"], scale=arguments["scale"], is_causal=arguments["is_causal"],
-            query_segment_ids=arguments["query_segment_ids"],
-            kv_segment_ids=arguments["kv_segment_ids"],
-            logits_soft_cap=arguments["logits_soft_cap"], sinks=arguments["sinks"])
-        probs, _ = attention_probabilities(
-            call.query, call.key, call.bias, call.full_mask, scale=call.scale,
-            logits_soft_cap=call.logits_soft_cap, sinks=call.sinks)
-        module.sow(nnx.Intermediate, "attention_weights", probs.astype(call.query.dtype))
+        weight_args = {k: arguments[k] for k in _WEIGHT_ARGS}
+        probs = attention_weights(arguments["query"], arguments["key"], **weight_args)
+        module.sow(nnx.Intermediate, "attention_weights", probs.astype(arguments["query"].dtype))
     return out
+
+
+# the arguments of dot_product_attention that decide the probabilities (attention_weights)
+_WEIGHT_ARGS = ("bias", "mask", "scale", "is_causal", "query_segment_ids", "kv_segment_ids",
+                "logits_soft_cap", "sinks", "score_mod", "score_mod_args")
+
+
+def attention_weights(query, key, bias=None, mask=None, *, scale=None, is_causal=False,
+                      query_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                      sinks=None, score_mod=None, score_mod_args=()):
+    """The probabilities :func:`dot_product_attention` uses, before dropout: f32
+    ``[B, N, T, S]`` (``query [B, T, N, H]``, ``key [B, S, K, H]``; arguments as there, checked
+    the same way). Dense, O(T S) memory: what flax's ``sow_weights`` stores."""
+    call, _ = make_call(query, key, key, bias, mask, scale=scale, is_causal=is_causal,
+                        query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
+                        logits_soft_cap=logits_soft_cap, sinks=sinks, score_mod=score_mod,
+                        score_mod_args=score_mod_args)
+    probs, _ = attention_probabilities(
+        call.query, call.key, call.bias, call.full_mask, scale=call.scale,
+        logits_soft_cap=call.logits_soft_cap, sinks=call.sinks, score_mod=call.score_mod,
+        score_mod_args=call.score_mod_args)
+    return probs
 
 
 def _on_auto_axes(mesh, arguments: dict):

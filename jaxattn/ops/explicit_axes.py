@@ -32,7 +32,7 @@ def explicit_mesh_of(*arrays):
     if explicit is None or typeof is None:
         return None
     for x in arrays:
-        if not isinstance(x, jax.Array | jax.core.Tracer):
+        if not _is_array(x):
             continue
         sharding = getattr(typeof(x), "sharding", None)
         mesh = getattr(sharding, "mesh", None)

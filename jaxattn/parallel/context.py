@@ -322,16 +322,9 @@ def _mask_parts(global_mask):
 def _balance_globally(lay: _Layout, mesh: Mesh, q, k, v, q_seg, kv_seg, bias):
     """Reorder what the shard-local relayout does not: the sequence (when it cannot be done
     shard-locally) and the bias rows / columns (always, when balancing). On meshes with Explicit
-    axes the gathered arrays are first made whole along the sequence (a gather along a sharded
-    axis has no unambiguous output sharding there)."""
-    explicit = has_explicit_axes(mesh)
+    axes the gathered arrays are first made whole along the sequence (:func:`_take_whole`)."""
     whole = P(lay.batch_spec, None, lay.head_axis, None)
-
-    def take(x, perm, ax, spec):
-        if explicit:
-            x = place_like(x, spec, mesh)
-        return jnp.take(x, jnp.asarray(perm), axis=ax)
-
+    take = lambda x, perm, ax, spec: _take_whole(x, perm, ax, spec, mesh)
     if lay.global_balance is not None:
         q, k, v = (take(x, perm, 1, whole) for x, perm in
                    ((q, lay.q_perm), (k, lay.kv_perm), (v, lay.kv_perm)))
@@ -345,6 +338,15 @@ def _balance_globally(lay: _Layout, mesh: Mesh, q, k, v, q_seg, kv_seg, bias):
         if bias.shape[3] > 1:
             bias = take(bias, lay.kv_perm, 3, P())
     return q, k, v, q_seg, kv_seg, bias
+
+
+def _take_whole(x, perm, axis: int, whole_spec: P, mesh: Mesh):
+    """``jnp.take(x, perm, axis)``; on meshes with Explicit axes ``x`` is first placed as
+    ``whole_spec`` (``axis`` unsharded: a gather along a sharded axis has no unambiguous output
+    sharding there)."""
+    if has_explicit_axes(mesh):
+        x = place_like(x, whole_spec, mesh)
+    return jnp.take(x, jnp.asarray(perm), axis=axis)
 
 
 def _ring_static(call, lay: _Layout, static_mask, mask_def, b_loc: int, n_loc: int,
@@ -395,11 +397,9 @@ def _sharded_attention(strat, lay: _Layout, mesh: Mesh, call, implementation):
     out, lse = fn(q, k, v, jnp.asarray(lay.q_perm), jnp.asarray(lay.kv_perm), q_seg, kv_seg,
                   leaves, seed, *bias_args)
     if lay.global_balance is not None:  # back to natural order, then sequence-sharded again
-        inv = jnp.asarray(layout.inverse_permutation(lay.q_perm))
-        if has_explicit_axes(mesh):
-            out = place_like(out, P(lay.batch_spec, None, lay.head_axis, None), mesh)
-            lse = place_like(lse, P(lay.batch_spec, None, lay.head_axis), mesh)
-        out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
+        inv = layout.inverse_permutation(lay.q_perm)
+        out = _take_whole(out, inv, 1, P(lay.batch_spec, None, lay.head_axis, None), mesh)
+        lse = _take_whole(lse, inv, 1, P(lay.batch_spec, None, lay.head_axis), mesh)
         out, lse = place_like(out, qkv_spec, mesh), place_like(lse, P(*qkv_spec[:3]), mesh)
     return out, lse
 

@@ -57,8 +57,7 @@ def reshard_to_specs(args, specs, mesh):
     is_spec = lambda x: isinstance(x, PartitionSpec)
 
     def place(spec, sub):
-        target = NamedSharding(mesh, explicit_part(spec, mesh))
-        return jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, target), sub)
+        return jax.tree_util.tree_map(lambda x: _reshard_explicit(x, spec, mesh), sub)
 
     return tuple(jax.tree_util.tree_map(place, tuple(specs), tuple(args), is_leaf=is_spec))
 
@@ -95,12 +94,17 @@ def _axis_is_explicit(mesh) -> dict[str, bool]:
     return {a: t is not None and t == explicit for a, t in zip(mesh.axis_names, types, strict=True)}
 
 
+def _reshard_explicit(x, spec: PartitionSpec, mesh):
+    """``jax.sharding.reshard`` of ``x`` to the Explicit axes of ``spec``."""
+    return jax.sharding.reshard(x, NamedSharding(mesh, explicit_part(spec, mesh)))
+
+
 def place_like(x, spec: PartitionSpec, mesh):
     """``x`` placed as ``spec`` on ``mesh`` of any axis kind: ``jax.sharding.reshard`` for the
     Explicit axes (sharding in types), ``with_sharding_constraint`` for the Auto ones; on an Auto
     mesh this is exactly ``with_sharding_constraint``."""
     if has_explicit_axes(mesh):
-        x = jax.sharding.reshard(x, NamedSharding(mesh, explicit_part(spec, mesh)))
+        x = _reshard_explicit(x, spec, mesh)
         spec = auto_part(spec, mesh)
         if all(e is None for e in spec):
             return x
