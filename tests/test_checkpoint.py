@@ -92,15 +92,44 @@ CHILD = textwrap.dedent('''
     from test_checkpoint import _cfg, _task
     from jaxattn.train import train
 
-    ckpt, out, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    cfg = _cfg(ckpt, 40, save_every=4, async_save=True)
+    ckpt, out, slow, hang_step, keep = sys.argv[1], sys.argv[2], float(sys.argv[3]), \
+        int(sys.argv[4]), int(sys.argv[5])
+    if hang_step:
+        from test_checkpoint import hang_inside_background_commit
+        hang_inside_background_commit(ckpt, hang_step)
+    cfg = _cfg(ckpt, 40, save_every=4, async_save=True, keep=keep)
     res = train(cfg, _task(), callbacks=[lambda step, m: time.sleep(slow)])
     print("resumed_from", res.resumed_from, flush=True)
     np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(nnx.state(res.model, nnx.Param))])
 ''')
 
 
-def _child(tmp_path, ckpt, out, slow):
+def hang_inside_background_commit(ckpt, step):
+    """Test-only hook (called in the child): the async save of ``step`` writes
+    ``<ckpt>.save_started`` (the thread's name) and then blocks forever inside orbax's background
+    commit thread, in the handler's ``finalize`` (``CheckpointHandler`` protocol): after the array
+    data is written to the temporary directory, before it is merged, its metadata committed and
+    the directory renamed. The parent's SIGKILL therefore always lands mid-save."""
+    import pathlib
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    finalize = ocp.StandardCheckpointHandler.finalize
+    root = pathlib.Path(ckpt).absolute()
+
+    def finalize_or_hang(self, directory):
+        if pathlib.Path(directory).relative_to(root).parts[0].split(".")[0] == str(step):
+            marker = root.parent / f"{root.name}.save_started"
+            marker.with_suffix(".tmp").write_text(threading.current_thread().name)
+            marker.with_suffix(".tmp").rename(marker)
+            threading.Event().wait()
+        return finalize(self, directory)
+
+    ocp.StandardCheckpointHandler.finalize = finalize_or_hang
+
+
+def _child(tmp_path, ckpt, out, slow, hang_step=0, keep=3):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=os.path.join(ROOT, "tests")))
     # The three runs compile the same programs: a compilation cache shared by them (this test's
@@ -109,7 +138,8 @@ def _child(tmp_path, ckpt, out, slow):
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(slow)],
+    return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(slow),
+                             str(hang_step), str(keep)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -122,33 +152,50 @@ def _saved(ckpt, step):
     return any(s >= step for s in _steps(ckpt))
 
 
-@pytest.mark.parametrize("when", ["right_after_save", "mid_steps"])
+@pytest.mark.parametrize("when", ["right_after_save", "mid_steps", "mid_async_save"])
 def test_sigkill_then_resume_gives_identical_parameters(tmp_path, when):
     """SIGKILL as soon as the step-12 checkpoint is visible, or 0.25 s later (between saves,
-    steps in flight), then resume: the final parameters equal an uninterrupted run's."""
+    steps in flight), or while the async save of step 16 is inside its background commit (data
+    written to orbax's temporary directory, not committed: :func:`hang_inside_background_commit`),
+    then resume: the final parameters equal an uninterrupted run's. The half-written step 16 is
+    never visible nor restored, and the resumed run saves step 16 again over its leftovers."""
     deadline = time.time() + 240
+    ckpt = tmp_path / "ckpt"
     ref = _child(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref.npz", 0.0)
     # The killed run starts once the reference has compiled its train step and saved a first
     # checkpoint (or finished): it then loads the step from the cache; the two still overlap.
     while time.time() < deadline and ref.poll() is None and not _saved(tmp_path / "ref_ckpt", 4):
         time.sleep(0.05)
-    killed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.1)
-    while time.time() < deadline and not _saved(tmp_path / "ckpt", 12):
-        assert killed.poll() is None, killed.stdout.read()
-        time.sleep(0.05)
-    if when == "mid_steps":
-        time.sleep(0.25)  # the child sleeps 0.1 s per step: a kill between saves 12 and 16
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
+    mid_save = when == "mid_async_save"
+    killed = _child(tmp_path, ckpt, tmp_path / "run.npz", 0.1, hang_step=16 if mid_save else 0)
+    save_started = tmp_path / "ckpt.save_started"
+    try:
+        while time.time() < deadline and not (save_started.exists() if mid_save
+                                              else _saved(ckpt, 12)):
+            assert killed.poll() is None, killed.stdout.read()
+            time.sleep(0.05)
+        if when == "mid_steps":
+            time.sleep(0.25)  # the child sleeps 0.1 s per step: a kill between saves 12 and 16
+    finally:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "run.npz").exists()
-    done_before = max(_steps(tmp_path / "ckpt"))
+    done_before = max(_steps(ckpt))
     assert 12 <= done_before < 40
-    resumed = _child(tmp_path, tmp_path / "ckpt", tmp_path / "run.npz", 0.0)
+    if mid_save:  # killed inside the background thread, the save of 16 half done
+        assert save_started.read_text() != "MainThread"
+        assert done_before == 12, _steps(ckpt)
+        left = [p.name for p in ckpt.iterdir() if p.name.startswith("16")]
+        assert len(left) == 1 and "orbax-checkpoint-tmp" in left[0], sorted(ckpt.iterdir())
+    resumed = _child(tmp_path, ckpt, tmp_path / "run.npz", 0.0, keep=12)
     log, _ = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, log
     start = int(log.split("resumed_from")[-1].split()[0])
     assert start >= 12, log
+    if mid_save:
+        assert start == 12, log
+        assert 16 in _steps(ckpt) and not list(ckpt.glob("*tmp*")), sorted(ckpt.iterdir())
     ref_log, _ = ref.communicate(timeout=240)
     assert ref.returncode == 0, ref_log
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")

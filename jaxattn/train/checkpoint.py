@@ -6,6 +6,9 @@ the latest good checkpoint onto the current mesh.
 * If the latest checkpoint cannot be read it is reported, moved aside to
   ``<dir>/corrupt_<step>_<time>`` (kept for inspection, and out of the way of a later save of
   the same step) and the previous one is tried.
+* Under ``jax.distributed`` every process saves and restores (as orbax requires) into the one
+  shared directory, which orbax writes once; a checkpoint unreadable on any process is treated
+  as unreadable on all of them, and process 0 alone moves it aside.
 * Each save can carry a JSON ``metadata`` dict (orbax custom metadata: the loop stores the run's
   config and, for ``grain.IterDataset`` sources, the data iterator's state), read back with
   :meth:`Checkpointer.metadata`.
@@ -26,7 +29,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 __all__ = ["Checkpointer", "abstract_like", "state_checksums"]
 
@@ -53,6 +58,13 @@ def state_checksums(state: Any) -> list[int]:
     ``jax.tree.leaves`` order: a single flipped bit anywhere changes its leaf's sum."""
     leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
     return [int(v) for v in jax.device_get(_sums(leaves))]
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (``ok`` itself with a single process)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -124,11 +136,16 @@ class Checkpointer:
         return dict(getattr(meta, "custom_metadata", None) or {})
 
     def _quarantine(self, step: int) -> pathlib.Path | None:
+        """Move ``<dir>/<step>`` to ``<dir>/corrupt_<step>_<time>`` (returned; None when it was
+        gone). Under ``jax.distributed`` every process calls this: process 0 renames, the others
+        wait for it, then all reload their step lists (so all of them save that step again)."""
         src = self.directory / str(step)
-        if not src.exists():
-            return None
-        dst = self.directory / f"corrupt_{step}_{int(time.time())}"
-        src.rename(dst)
+        dst = None
+        if jax.process_index() == 0 and src.exists():
+            dst = self.directory / f"corrupt_{step}_{int(time.time())}"
+            src.rename(dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxattn_checkpoint_quarantine_{step}")
         self.manager.reload()
         return dst
 
@@ -139,15 +156,26 @@ class Checkpointer:
         """
         self.wait()
         for step in reversed(self.all_steps()):
+            state, err = None, None
             try:
                 state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-                self._verify(step, state)
-            except Exception as err:  # orbax raises many types for unreadable data
+            except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable data
+                err = e
+            # every process must take the same branch (the checksums and saves are collective)
+            if not _on_every_process(err is None) and err is None:
+                err = RuntimeError("another process could not read it")
+            if err is None:
+                try:
+                    self._verify(step, state)  # global sums: the same verdict on every process
+                except Exception as e:  # noqa: BLE001 - reported below like unreadable data
+                    err = e
+            if err is not None:
                 moved = self._quarantine(step)
                 print(
                     f"checkpoint: step {step} in {self.directory} is unreadable "
-                    f"({type(err).__name__}: {str(err)[:200]}); moved it to {moved} and "
-                    f"trying the previous checkpoint",
+                    f"({type(err).__name__}: {str(err)[:200]}); moved it to "
+                    f"{moved or 'corrupt_' + str(step) + '_* (by process 0)'} and trying the "
+                    f"previous checkpoint",
                     file=sys.stderr,
                 )
                 continue

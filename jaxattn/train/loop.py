@@ -25,6 +25,13 @@ to the train state, not checkpointed). The host reads that carry only at log, ev
 boundaries and at the end (no extra device sync per step) and raises
 :class:`NonFiniteLossError` naming the *first* bad step, even when later steps were finite again.
 
+Under ``jax.distributed`` each process reads its own shard of the data (``train_dataset`` shards
+a random-access source by ``jax.process_index()``; an ``IterDataset`` yields this process's
+batches) and :func:`jaxattn.train.data.global_batch` assembles the global batch with
+``jax.make_array_from_process_local_data``; every process saves and restores the checkpoint
+(orbax writes it once into the shared directory); only process 0 writes metrics files and shows
+the progress bar.
+
 Each checkpoint stores, as JSON metadata, the run's config (:func:`jaxattn.train.config.
 json_config`), whether the optimizer came from ``cfg.optim`` or was passed in, a signature of
 the state's structure and, for ``grain.IterDataset`` sources, the data iterator's state.
@@ -673,8 +680,10 @@ def _train(cfg: ExperimentConfig, task: Task, mesh: jax.sharding.Mesh,
                   "state_signature": signature}
 
     dataset, iter_batches = _train_batches(task, cfg, step, meta)
-    writer = MetricsWriter(run.log_dir or None)
-    bar = ProgressBar(run.steps, initial=step, enabled=run.progress, desc=desc)
+    # under jax.distributed every process computes the same (global) metrics: one writes them
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(run.log_dir if run.log_dir and primary else None)
+    bar = ProgressBar(run.steps, initial=step, enabled=run.progress and primary, desc=desc)
     evaluate = functools.partial(_evaluate, eval_jit, task.eval_source, run, batch_sh)
     progress = _Progress(last_saved=resumed_from,
                          health=jax.device_put(_initial_health(), NamedSharding(mesh, P())))
