@@ -10,7 +10,7 @@ from conformance.attention import AttentionConformance
 class TestPallas(AttentionConformance):
     implementation = "pallas"
     block_q = block_kv = 16
-    unsupported = frozenset({"bias", "traced_mask"})
+    unsupported = frozenset({"traced_mask"})
     random_examples = 4
     random_shapes = ((37, 45), (45, 30))
     random_derandomize = True

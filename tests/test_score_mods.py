@@ -147,6 +147,7 @@ def test_bad_score_functions_get_clear_errors():
         call(score_mod=lambda s, b, h, q, k: q > k)
     with pytest.raises(ValueError, match="keep the scores' shape"):
         call(score_mod=lambda s, b, h, q, k: jnp.zeros((3, 3)))
+    # every CPU backend runs a score_mod now (pallas in the interpreter): explain() says so
     reasons = jaxattn.explain(q, k, v, score_mod=S.alibi,
                               score_mod_args=(jnp.ones(N),))
-    assert "score_mod" in str(reasons)
+    assert "usable" in reasons.verdicts["pallas"] or "interpreter" in reasons.verdicts["pallas"]

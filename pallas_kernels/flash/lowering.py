@@ -28,7 +28,7 @@ def default_backend(platform: str) -> str:
         platform, "interpret")
 
 
-def _compiler_params(cfg: FlashConfig, num_grid_dims: int):
+def _compiler_params(cfg: FlashConfig, num_grid_dims: int, sequential_minor: int = 0):
     if cfg.backend == "triton":  # lowers from CPU; never run on a GPU
         from jax.experimental.pallas import triton as pltriton
 
@@ -36,8 +36,11 @@ def _compiler_params(cfg: FlashConfig, num_grid_dims: int):
     if cfg.backend == "mosaic_tpu":  # lowers from CPU, semantics via tpu_interpret; never run
         from jax.experimental.pallas import tpu as pltpu
 
-        # Every program writes its own output tile: all grid axes are parallel.
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_grid_dims)
+        # Every program writes its own output tile (all grid axes parallel), except the
+        # ``sequential_minor`` innermost axes of a kernel that accumulates in its output block.
+        semantics = ("parallel",) * (num_grid_dims - sequential_minor) + (
+            "arbitrary",) * sequential_minor
+        return pltpu.CompilerParams(dimension_semantics=semantics)
     return None
 
 
@@ -51,8 +54,11 @@ def _interpret(cfg: FlashConfig):
     return False
 
 
-def call(kernel, *, cfg: FlashConfig, grid, in_specs, out_specs, out_shape, name: str):
-    """``pl.pallas_call`` with the lowering chosen by ``cfg.backend``."""
+def call(kernel, *, cfg: FlashConfig, grid, in_specs, out_specs, out_shape, name: str,
+         sequential_minor: int = 0):
+    """``pl.pallas_call`` with the lowering chosen by ``cfg.backend``; the ``sequential_minor``
+    innermost grid axes run in order (Mosaic TPU "arbitrary"; the interpreters are sequential;
+    Triton has no such axes, so its callers must not accumulate across programs)."""
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -60,6 +66,6 @@ def call(kernel, *, cfg: FlashConfig, grid, in_specs, out_specs, out_shape, name
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=_interpret(cfg),
-        compiler_params=_compiler_params(cfg, len(grid)),
+        compiler_params=_compiler_params(cfg, len(grid), sequential_minor),
         name=name,
     )

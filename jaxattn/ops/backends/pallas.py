@@ -2,14 +2,24 @@
 
 Refuses, with the reason in ``explain()``:
 
-* an additive ``bias`` (the kernels have no bias input; use a Mask, or ``xla_chunked``);
 * a traced ``scale`` (a static kernel parameter);
 * dtypes other than float32 / bfloat16 / float16;
 * a mask holding traced arrays (its block structure must be known at trace time; packed documents
   go in as segment ids, which the kernels read as arrays);
 * platforms without a Pallas lowering (anything but CPU, GPU, TPU);
 * on GPU / TPU, head dims outside 64 / 128 / 256;
-* on TPU, calls whose block metadata overflows SMEM or whose K and V of one kv head overflow VMEM.
+* on TPU, calls whose block metadata overflows SMEM or whose K and V of one kv head overflow VMEM;
+* ``score_mod_args`` on GPU / TPU (indexing an argument, as ALiBi's ``slopes[h]`` or a table
+  lookup, does not lower for Triton / Mosaic TPU; argument-free score functions do), and on CPU
+  ``score_mod_args`` whose per-tile partial gradients (``B * N * num_q_blocks`` copies of the
+  arguments, see below) would exceed ``_MAX_MOD_GRAD_ELEMENTS``.
+
+An additive ``bias`` ``[B|1, N|1, T|1, S|1]`` goes to the kernels as is (broadcast dims are
+never materialised; ``dbias`` comes from a dedicated kernel that reduces them). A ``score_mod``
+is evaluated per tile inside the forward, dq, dk/dv (and dbias) kernels on the tile's index
+grids; the gradients of its floating ``score_mod_args`` are accumulated by the dq kernel as
+per-(batch, head, query tile) partial sums reduced in XLA. Bias and argument-free score
+functions lower for Triton and Mosaic TPU (checked from CPU; never run on a device).
 
 Automatic selection never picks it on CPU (the kernels run in the slow Pallas interpreter there)
 nor on GPU / TPU until ``HARDWARE_VALIDATED`` is set after the tests pass on the device: the
@@ -22,7 +32,8 @@ mask and shape), segment ids stay arrays (evaluated per tile inside the kernel, 
 documents need no ``[T, S]`` mask), GQA, soft-cap, sinks and unaligned lengths go straight to the
 kernel. Dropout uses the reference's position-hash mask (the kernels regenerate it per tile). On
 GPU the forward is the Hopper Mosaic-GPU kernel when it applies (bf16/f16, head dims 64/128/256, no
-segment ids, sinks or dropout), else the Triton lowering; the backward is Triton-lowered.
+segment ids, sinks, dropout, bias or score_mod), else the Triton lowering; the backward is
+Triton-lowered.
 
 ``pallas_kernels.flash`` (and with it ``jax.experimental.pallas.mosaic_gpu``) is imported on first
 use (:func:`flash_kernels`), not when ``jaxattn`` is imported.
@@ -53,6 +64,8 @@ HARDWARE_VALIDATED = False
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HW_HEAD_DIMS = (64, 128, 256)
 DEFAULT_BLOCK = 128
+# Cap on the dq kernel's partial gradients of score_mod_args: B * N * num_q_blocks * |args|.
+_MAX_MOD_GRAD_ELEMENTS = 1 << 26
 
 
 @functools.cache
@@ -86,9 +99,11 @@ def flash_config_for(call: AttentionCall, block_q: int | None = None,
             block_q=block_q or (64 if d["T"] <= 64 else 128), block_kv=block_kv or 64,
             scale=float(call.scale), logits_soft_cap=call.logits_soft_cap, backend="mosaic_gpu",
             dropout_rate=call.dropout_rate)
-        if flash.mosaic_gpu_refusal(call.query, call.value,
-                                    has_segments=call.q_segment_ids is not None,
-                                    has_sinks=call.sinks is not None, config=mosaic) is None:
+        plain = call.bias is None and call.score_mod is None  # Mosaic-GPU has neither
+        if plain and flash.mosaic_gpu_refusal(call.query, call.value,
+                                              has_segments=call.q_segment_ids is not None,
+                                              has_sinks=call.sinks is not None,
+                                              config=mosaic) is None:
             return mosaic
     return flash.FlashConfig(
         block_q=block_q or _block(d["T"]), block_kv=block_kv or _block(d["S"]),
@@ -116,12 +131,8 @@ def meta_for(mask: masks_lib.Mask | None, q_len: int, kv_len: int, block_q: int,
 
 def supports(call: AttentionCall) -> str | None:
     """``None`` if the Pallas kernel can run ``call``, else the reason it cannot."""
-    if call.bias is not None:
-        return "the Pallas kernel has no additive bias (use a Mask, or xla_chunked)"
     if isinstance(call.scale, jax.core.Tracer):
         return "scale must be a Python number (it is a static kernel parameter)"
-    if call.score_mod is not None:
-        return "score_mod is not implemented in the Pallas kernel yet (use xla_chunked)"
     if call.dropout_index is not None:
         return ("dropout of a shard (dropout_index) is not wired into the kernel's hash yet; "
                 "use xla_chunked")
@@ -136,8 +147,32 @@ def supports(call: AttentionCall) -> str | None:
     if call.platform != "cpu" and (d["H"] not in _HW_HEAD_DIMS or d["Hv"] not in _HW_HEAD_DIMS):
         return (f"on {call.platform} the kernel needs head dims in {_HW_HEAD_DIMS}, "
                 f"got H={d['H']}, Hv={d['Hv']}")
+    if call.score_mod_args:
+        why = _score_mod_args_refusal(call)
+        if why is not None:
+            return why
     if call.platform == "tpu":
         return _tpu_limits(call)
+    return None
+
+
+def _score_mod_args_refusal(call: AttentionCall) -> str | None:
+    """Why the kernels cannot take ``call.score_mod_args`` (None if they can)."""
+    if call.platform != "cpu":
+        # Checked from CPU: ALiBi's slopes[h] (a dynamic slice of an array value) does not lower
+        # for Triton or Mosaic TPU; a score_mod without arguments (soft-cap, index-only) does.
+        return (f"on {call.platform} the kernels cannot index score_mod_args (the Triton / "
+                "Mosaic lowerings have no dynamic slice or gather of an array value, as "
+                "slopes[h] or a table lookup need); use xla_chunked, or a score_mod without "
+                "arguments")
+    d = call.shape
+    nq = -(-d["T"] // flash_config_for(call).block_q)
+    size = sum(int(jnp.size(a)) for a in call.score_mod_args
+               if jnp.issubdtype(jnp.result_type(a), jnp.floating))
+    total = d["B"] * d["N"] * nq * size
+    if total > _MAX_MOD_GRAD_ELEMENTS:
+        return (f"the dq kernel's partial gradients of score_mod_args (B*N*num_q_blocks*"
+                f"{size} = {total} f32) exceed {_MAX_MOD_GRAD_ELEMENTS}; use xla_chunked")
     return None
 
 
@@ -190,7 +225,8 @@ def run(call: AttentionCall, block_q: int | None = None, block_kv: int | None = 
         seed = dropout_lib.dropout_seed(call.dropout_rng)
     out, lse, _ = flash_kernels().flash_attention(
         call.query, call.key, call.value, meta, config=cfg, q_segment_ids=seg_q,
-        kv_segment_ids=seg_kv, sinks=call.sinks, dropout_seed=seed,
+        kv_segment_ids=seg_kv, sinks=call.sinks, dropout_seed=seed, bias=call.bias,
+        score_mod=call.score_mod, score_mod_args=call.score_mod_args,
     )
     return out, lse
 
