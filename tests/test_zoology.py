@@ -192,3 +192,28 @@ def test_attn_init_std_reaches_qkv_kernels():
     assert 0.08 < float(jnp.std(m.key_kernel[...])) < 0.12
     assert float(jnp.std(m.out_kernel[...])) < 0.015
     assert float(jnp.std(_layer("attention", width=64).query_kernel[...])) < 0.03
+
+
+@pytest.mark.parametrize("name", ["attention", "baseconv"])
+def test_state_norm_is_the_reference_identity_state_mixer(name):
+    """``state_norm`` (the default) is the reference TransformerBlock with an identity state
+    mixer: ``x += mixer(LN1 x); x += LN2(x)`` per block, then the final LN; without it the
+    ``LN2`` term is absent. Both models share every other parameter."""
+    kw = dict(name=name, width=16, vocab_size=64, seq_len=32)
+    with_norm = build_model(ZoologyModelConfig(**kw), rngs=nnx.Rngs(0))
+    plain = build_model(ZoologyModelConfig(**kw, state_norm=False), rngs=nnx.Rngs(0))
+    assert len(with_norm.mlp_norms) == 2 and not plain.mlp_norms
+    # train the LN2 parameters away from (1, 0) so the check sees them
+    for i, norm in enumerate(with_norm.mlp_norms):
+        norm.scale[...] = 1.0 + 0.1 * jax.random.normal(jax.random.key(i), (16,))
+        norm.bias[...] = 0.1 * jax.random.normal(jax.random.key(10 + i), (16,))
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, 64)
+    x = plain.embed(tokens)
+    if plain.pos is not None:
+        x = x + plain.pos(jnp.arange(32))[None]
+    for norm, mixer, norm2 in zip(plain.norms, plain.mixers, with_norm.mlp_norms, strict=True):
+        x = x + mixer(norm(x), deterministic=True)
+        x = x + norm2(x)
+    np.testing.assert_allclose(with_norm(tokens, deterministic=True), plain.final_norm(x),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(plain(tokens, deterministic=True), plain.final_norm(x), atol=1e-3)

@@ -1,8 +1,14 @@
 """The 2-layer MQAR harness of Zoology as a :class:`jaxattn.models.DecoderLM` config: token
 embedding (N(0, 0.02)) tied with the output head, learned absolute positions only for the
-attention model, pre-norm blocks ``x = x + mixer(LN(x))`` with no MLP (the figure-2
+attention model, pre-norm blocks ``x = x + mixer(LN1(x))`` with no MLP (the figure-2
 configuration uses an identity state mixer), and a final LayerNorm. The mixers are
-``jaxattn.nn``'s registered ``attention``, ``baseconv``, ``based`` and ``sigmoid_lookup``."""
+``jaxattn.nn``'s registered ``attention``, ``baseconv``, ``based`` and ``sigmoid_lookup``.
+
+The reference's ``TransformerBlock`` returns ``(state_mixer(LN2(residual)), residual)`` and the
+next block (or the final norm) adds that output back into the residual; with the identity state
+mixer every block therefore ends with ``x = x + LN2(x)`` (learned scale and bias).
+``model.state_norm = True`` (the default) keeps that term; ``False`` drops it (the previous
+harness)."""
 
 from __future__ import annotations
 
@@ -52,6 +58,9 @@ class ZoologyModelConfig:
     # std of the q/k/v kernels of the softmax attentions (the attention model and the sparse
     # hybrid's lookups); None: the reference's N(0, 0.02). The quick preset sets 0.1.
     attn_init_std: float | None = None
+    # the reference's identity state mixer: ``x = x + LN2(x)`` after every mixer (see the
+    # module docstring); False: ``x = x + mixer(LN1(x))`` only
+    state_norm: bool = True
 
 
 def layer_config(kind: str, cfg: ZoologyModelConfig, n_layers: int) -> MixerConfig:
@@ -81,6 +90,22 @@ def lm_config(cfg: ZoologyModelConfig) -> LMConfig:
         dropout=cfg.dropout)
 
 
+class _IdentityStateMixer(nnx.Module):
+    """The reference's ``torch.nn.Identity`` state mixer: ``x [B, L, D] -> x``."""
+
+    def __call__(self, x):
+        return x
+
+
 def build_model(cfg: ZoologyModelConfig, *, rngs: nnx.Rngs) -> DecoderLM:
-    """``tokens int32 [B, L]`` -> ``hidden [B, L, D]``; ``model.logits(h)`` is the tied head."""
-    return DecoderLM(lm_config(cfg), rngs=rngs)
+    """``tokens int32 [B, L]`` -> ``hidden [B, L, D]``; ``model.logits(h)`` is the tied head.
+
+    With ``cfg.state_norm`` the DecoderLM's MLP slot (``x = x + mlp(mlp_norm(x))``) holds the
+    identity, which is the reference's ``x = x + LN2(x)``; its norms are built after every
+    other parameter, so the other parameters equal those of ``state_norm=False``."""
+    model = DecoderLM(lm_config(cfg), rngs=rngs)
+    if cfg.state_norm:
+        n = len(model.mixers)
+        model.mlp_norms = nnx.List([nnx.LayerNorm(cfg.width, rngs=rngs) for _ in range(n)])
+        model.mlps = nnx.List([_IdentityStateMixer() for _ in range(n)])
+    return model

@@ -4,7 +4,9 @@ host batches into global ``jax.Array``s on the mesh.
 The training stream of a random-access source (``len``/``[i]``, including a
 ``grain.MapDataset`` of examples) is a ``grain.MapDataset`` (shuffle -> repeat -> batch), so the
 batch of step ``s`` is ``dataset[s]``: a restarted run sees exactly the batches it would have
-seen, with no iterator state to checkpoint.
+seen, with no iterator state to checkpoint. A source with ``get_batch(indices)`` (the batch
+protocol, :func:`has_batch_entry`; e.g. ``MQARSource``) is asked once per batch, for the same
+indices in the same order.
 
 A ``grain.IterDataset`` source is the researcher's own pipeline (with its own worker threads /
 processes, ``prefetch`` / ``mp_prefetch``, shuffling and *batching*): it must yield dicts of
@@ -28,8 +30,15 @@ import grain
 import jax
 import numpy as np
 
-__all__ = ["IterBatches", "Prefetcher", "eval_batches", "global_batch", "is_iter_dataset",
-           "train_dataset"]
+__all__ = ["IterBatches", "Prefetcher", "eval_batches", "global_batch", "has_batch_entry",
+           "is_iter_dataset", "train_dataset"]
+
+
+def has_batch_entry(source: Any) -> bool:
+    """Whether a random-access ``source`` offers ``source.get_batch(indices int [n])``: a dict
+    of arrays with leading dimension ``n``, row ``j`` equal to ``source[indices[j]]`` (the
+    batch protocol; the loop then builds a batch in one call instead of ``n``)."""
+    return callable(getattr(source, "get_batch", None))
 
 
 def is_iter_dataset(source: Any) -> bool:
@@ -108,7 +117,13 @@ def train_dataset(source: Any, *, global_batch_size: int, seed: int,
     if len(ds) < local:
         raise ValueError(f"the source has {len(ds)} examples per process, fewer than one "
                          f"batch of {local}")
-    return ds.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+    if not has_batch_entry(source):
+        return ds.shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
+    # the same pipeline over the indices (its shuffle depends only on length and seed), then
+    # one ``get_batch`` call per batch instead of one ``source[i]`` per example
+    ids, _ = _process_shard(range(len(source)), process_index, process_count)
+    return ids.shuffle(seed=seed).repeat().batch(local, drop_remainder=True).map(
+        source.get_batch)
 
 
 def eval_batches(source: Any, *, global_batch_size: int, max_examples: int = 0,
@@ -121,7 +136,14 @@ def eval_batches(source: Any, *, global_batch_size: int, max_examples: int = 0,
         raise ValueError(f"eval batch {global_batch_size} not divisible by {pc} processes")
     local = global_batch_size // pc
     n = len(ds) if max_examples <= 0 else min(len(ds), max(max_examples // pc, 1))
+    ids = _process_shard(range(len(source)), process_index, process_count)[0] \
+        if has_batch_entry(source) else None
     for start in range(0, n, local):
+        if ids is not None:
+            chosen = [ids[i] for i in range(start, min(start + local, n))]
+            valid = len(chosen)
+            yield source.get_batch(np.array(chosen + [chosen[0]] * (local - valid))), valid
+            continue
         items = [ds[i] for i in range(start, min(start + local, n))]
         valid = len(items)
         items += [items[0]] * (local - valid)
