@@ -3,7 +3,8 @@
 Refuses: a traced ``scale`` (e.g. a ``jax.jit`` argument), because the tiled path's
 ``custom_vjp`` takes the scale as a static Python number. Everything else runs
 (:func:`jaxattn.core.chunked.chunked_attention`): bias, every mask, segment ids, soft-cap, sinks,
-dropout, GQA. Tile sizes come from ``jaxattn.Implementation("xla_chunked", block_q, block_kv)``.
+dropout, GQA. Tile sizes come from ``jaxattn.Implementation("xla_chunked", block_q, block_kv)``,
+or, when not given, from the mask's block structure (:mod:`jaxattn.core.tile_choice`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ def supports(c: AttentionCall) -> str | None:
 
 def run(c: AttentionCall):
     """``(out [B, T, N, Hv], lse [B, T, N])`` from the chunked path, with the call's tiles or
-    the defaults."""
+    tiles chosen for its mask."""
     return chunked_lib.chunked_attention(
         c.query, c.key, c.value, c.bias, c.full_mask, scale=c.scale,
         logits_soft_cap=c.logits_soft_cap, sinks=c.sinks, return_lse=True,
-        block_q=c.block_q or chunked_lib.DEFAULT_BLOCK_Q,
-        block_kv=c.block_kv or chunked_lib.DEFAULT_BLOCK_KV,
+        block_q=c.block_q, block_kv=c.block_kv,  # None: chosen from the mask's structure
         dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng, dropout_index=c.dropout_index,
         score_mod=c.score_mod, score_mod_args=c.score_mod_args,
     )
