@@ -100,10 +100,12 @@ def test_injectable_attention_fn_and_training_grads():
 
 
 def test_dropout_uses_rngs_and_deterministic_flag():
-    m = MultiHeadAttention(2, 8, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+    m = MultiHeadAttention(2, 8, dropout_rate=0.5, broadcast_dropout=False,
+                           rngs=nnx.Rngs(0, dropout=1))
     x = jax.random.normal(jax.random.key(5), (1, 6, 8))
     assert max_err(m(x, deterministic=True), m(x, deterministic=True)) == 0.0
-    assert max_err(m(x), m(x)) > 0.0  # fresh dropout keys each call
+    train = lambda: m(x, deterministic=False)
+    assert max_err(train(), train()) > 0.0  # fresh dropout keys each call
 
 
 def test_bad_configuration_errors():
@@ -183,9 +185,11 @@ def test_nnx_view_switches_dropout_and_decode():
     equal and equal the dropout-free layer); ``decode=True`` allocates the cache."""
     if not hasattr(nnx, "view"):
         pytest.skip("nnx.view needs a newer flax")
-    m = MultiHeadAttention(2, 8, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+    m = MultiHeadAttention(2, 8, dropout_rate=0.5, broadcast_dropout=False,
+                           rngs=nnx.Rngs(0, dropout=1))
     x = jax.random.normal(jax.random.key(0), (1, 5, 8))
-    assert max_err(m(x), m(x)) > 0.0  # training view: dropout on
+    tr = nnx.view(m, deterministic=False)
+    assert max_err(tr(x), tr(x)) > 0.0  # training view: dropout on
     ev = nnx.view(m, deterministic=True)
     np.testing.assert_array_equal(ev(x), ev(x))
     np.testing.assert_array_equal(ev(x), m(x, deterministic=True))

@@ -59,14 +59,24 @@ class CausalMask(Mask):
 
     ``offset=0`` is the top-left aligned causal mask of ``jax.nn.dot_product_attention``
     (``is_causal=True``). For decoding T new queries against S cached keys use
-    ``offset = S - T`` (bottom-right alignment). ``offset`` may be a traced scalar.
+    ``offset = S - T`` (bottom-right alignment). ``offset`` may be a traced scalar, or an int
+    ``[B]`` array: one offset per batch row (a ragged decoding batch, each sequence at its own
+    cache index).
     """
 
     offset: Any = 0
     _array_fields: ClassVar = ("offset",)
 
+    @property
+    def batch_size(self):
+        o = self.offset
+        return int(o.shape[0]) if is_array(o) and o.ndim == 1 else None
+
     def _evaluate(self, q, k, xp):
-        return _bcast4(k <= q + self.offset, xp)
+        o = self.offset
+        if is_array(o) and o.ndim == 1:  # per batch row: [B, 1, tq, tk]
+            return (k <= q + o[:, None, None])[:, None]
+        return _bcast4(k <= q + o, xp)
 
 
 @register_mask

@@ -10,20 +10,24 @@ Parameters carry logical sharding names (``embed``, ``heads``, ``kv_heads``, ``h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
+from jaxattn.nn import flax_interop
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import attention_weights, dot_product_attention
-from jaxattn.ops.call import float_mask_as_bool
+from jaxattn.ops.call import describe, float_mask_as_bool
+from jaxattn.ops.decode import decode_attention
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel.logical import constrain
 
@@ -35,10 +39,31 @@ default_bias_init = nnx.initializers.zeros_init()
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention (Vaswani et al., 2017) with grouped-query heads (Ainslie et al., 2023).
 
-    Constructor arguments follow ``flax.nnx.MultiHeadAttention`` (positional ``num_heads,
-    in_features, qkv_features, out_features, num_kv_heads, in_kv_features``, then keyword
-    ``dtype, param_dtype, dropout_rate, deterministic, kernel_init, out_kernel_init, bias_init,
-    out_bias_init, use_bias, attention_fn, decode, normalize_qk, rngs``) plus:
+    The constructor takes every argument of ``flax.nnx.MultiHeadAttention`` with flax's name,
+    position and default (positional ``num_heads, in_features, qkv_features, out_features,
+    num_kv_heads, in_kv_features``, then keyword-only ``dtype, param_dtype, broadcast_dropout,
+    dropout_rate, deterministic, precision, kernel_init, out_kernel_init, bias_init,
+    out_bias_init, use_bias, attention_fn, decode, normalize_qk, qkv_promote_dtype,
+    out_promote_dtype, ln_promote_dtype, qkv_dot_general, out_dot_general, qkv_dot_general_cls,
+    out_dot_general_cls, rngs, keep_rngs`` and the six ``*_metadata`` mappings), with these
+    differences:
+
+    * ``precision``, the ``*_promote_dtype`` and ``*_dot_general*`` options raise
+      ``NotImplementedError`` when set to anything but flax's default
+      (:data:`jaxattn.nn.flax_interop.REFUSED_FLAX_OPTIONS` says why for each).
+    * ``broadcast_dropout=True`` (flax's default) with ``dropout_rate > 0`` raises: jaxattn's
+      dropout keeps each (batch, head, query, key) entry independently, i.e. flax's
+      ``broadcast_dropout=False``, which is what to pass.
+    * ``attention_fn`` defaults to :func:`jaxattn.dot_product_attention` (flax's own
+      ``dot_product_attention`` is replaced by it); with ``dtype=None`` the computation runs in
+      the input's dtype (parameters cast to it) where flax promotes inputs and parameters.
+    * The ``*_metadata`` mappings are added to the parameters' metadata (an ``out_sharding``
+      entry replaces the logical axis names).
+
+    As in flax, with ``dropout_rate > 0`` ``deterministic`` must be given (constructor, call,
+    or ``nnx.view`` / ``set_view``), else the call raises; ``keep_rngs=False`` stores no
+    dropout stream (pass ``rngs`` to each call). :meth:`from_flax` / :meth:`to_flax` convert
+    parameters both ways. jaxattn's extras are keyword-only:
 
     Args:
       num_kv_heads: key/value heads ``K`` (``num_heads % K == 0``); default ``num_heads``
@@ -52,7 +77,11 @@ class MultiHeadAttention(nnx.Module):
       use_sinks: learn one sink logit per head (initialised to 0).
       implementation: passed to ``attention_fn`` (e.g. ``"xla_chunked"``).
       decode_attention_fn: used instead of ``attention_fn`` for KV-cache decoding steps (a
-        context-parallel ``attention_fn`` cannot take one-token steps).
+        context-parallel ``attention_fn`` cannot take one-token steps). Default
+        :func:`jaxattn.decode_attention`, whose tile loop reads only the live part of the cache
+        under ``jit``. It gets ``mask``, ``is_causal`` and ``key_value_seq_lengths [B]`` (the
+        live cache length per sequence), never ``implementation``: to decode with a backend,
+        pass e.g. ``functools.partial(jaxattn.dot_product_attention, implementation=...)``.
 
     Activations are constrained to logical axes (``batch, length, heads, kv_heads, head_dim,
     embed``); this is a no-op unless a :func:`jaxattn.parallel.axis_rules` context is active.
@@ -75,8 +104,10 @@ class MultiHeadAttention(nnx.Module):
         *,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        broadcast_dropout: bool = True,
         dropout_rate: float = 0.0,
         deterministic: bool | None = None,
+        precision: Any = None,
         kernel_init: Callable = default_kernel_init,
         out_kernel_init: Callable | None = None,
         bias_init: Callable = default_bias_init,
@@ -85,15 +116,37 @@ class MultiHeadAttention(nnx.Module):
         attention_fn: Callable = dot_product_attention,
         decode: bool | None = None,
         normalize_qk: bool | str = False,
+        qkv_promote_dtype: Callable = flax_interop.flax_promote_dtype,
+        out_promote_dtype: Callable = flax_interop.flax_promote_dtype,
+        ln_promote_dtype: Callable = flax_interop.flax_promote_dtype,
+        qkv_dot_general: Any = None,
+        out_dot_general: Any = None,
+        qkv_dot_general_cls: Any = None,
+        out_dot_general_cls: Any = None,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        out_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        out_bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        query_ln_scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        key_ln_scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         rope_theta: float | None = None,
         is_causal: bool = False,
         mask: masks_lib.Mask | None = None,
         logits_soft_cap: float | None = None,
         use_sinks: bool = False,
         implementation: str | None = None,
-        decode_attention_fn: Callable = dot_product_attention,
-        rngs: nnx.Rngs,
+        decode_attention_fn: Callable = decode_attention,
     ):
+        flax_interop.refuse_flax_options(
+            precision=precision, qkv_promote_dtype=qkv_promote_dtype,
+            out_promote_dtype=out_promote_dtype, ln_promote_dtype=ln_promote_dtype,
+            qkv_dot_general=qkv_dot_general, out_dot_general=out_dot_general,
+            qkv_dot_general_cls=qkv_dot_general_cls, out_dot_general_cls=out_dot_general_cls)
+        if dropout_rate > 0 and broadcast_dropout:
+            raise ValueError(flax_interop.BROADCAST_DROPOUT_REFUSAL)
+        attention_fn = flax_interop.jaxattn_attention_fn(attention_fn)
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
         in_kv_features = in_features if in_kv_features is None else in_kv_features
@@ -114,6 +167,8 @@ class MultiHeadAttention(nnx.Module):
         self.qkv_features, self.in_kv_features = qkv_features, in_kv_features
         self.dtype, self.param_dtype = dtype, param_dtype
         self.dropout_rate, self.deterministic = dropout_rate, deterministic
+        self.broadcast_dropout, self.precision, self.keep_rngs = (broadcast_dropout, precision,
+                                                                  keep_rngs)
         self.use_bias, self.attention_fn, self.decode = use_bias, attention_fn, decode
         self.normalize_qk, self.rope_theta, self.is_causal = normalize_qk, rope_theta, is_causal
         self.mask, self.logits_soft_cap, self.implementation = mask, logits_soft_cap, implementation
@@ -146,10 +201,36 @@ class MultiHeadAttention(nnx.Module):
             logical_param(rngs, nnx.initializers.zeros_init(), (n,), param_dtype, ("heads",))
             if use_sinks else None
         )
-        self.rngs = rngs.fork() if dropout_rate > 0 else None
+        for name, metadata in (("query_kernel", kernel_metadata), ("key_kernel", kernel_metadata),
+                               ("value_kernel", kernel_metadata),
+                               ("out_kernel", out_kernel_metadata or kernel_metadata),
+                               ("query_bias", bias_metadata), ("key_bias", bias_metadata),
+                               ("value_bias", bias_metadata),
+                               ("out_bias", out_bias_metadata or bias_metadata)):
+            if use_bias or not name.endswith("_bias"):
+                flax_interop.set_param_metadata(getattr(self, name), metadata)
+        if normalize_qk:
+            flax_interop.set_param_metadata(self.query_ln.scale, query_ln_scale_metadata)
+            flax_interop.set_param_metadata(self.key_ln.scale, key_ln_scale_metadata)
+        self.rngs = rngs.fork() if keep_rngs and dropout_rate > 0 else None
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
+
+    @classmethod
+    def from_flax(cls, module: nnx.MultiHeadAttention, *, rngs: nnx.Rngs | None = None,
+                  **options) -> MultiHeadAttention:
+        """This layer with the configuration and parameters of a ``flax.nnx.MultiHeadAttention``
+        (kernels ``[D, N or K, H]`` / ``[N, H, D_out]``, biases, QK-norm scales, cache, dtypes,
+        dropout and decode flags); ``options`` are jaxattn's keyword-only extras. See
+        :func:`jaxattn.nn.flax_interop.from_flax` for what cannot be converted."""
+        return flax_interop.from_flax(module, rngs=rngs, cls=cls, **options)
+
+    def to_flax(self, *, rngs: nnx.Rngs | None = None) -> nnx.MultiHeadAttention:
+        """A ``flax.nnx.MultiHeadAttention`` with this layer's configuration and parameters;
+        raises naming any jaxattn-only feature in use (see
+        :func:`jaxattn.nn.flax_interop.to_flax`)."""
+        return flax_interop.to_flax(self, rngs=rngs)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _compute_dtype(self, x):
@@ -164,7 +245,10 @@ class MultiHeadAttention(nnx.Module):
         return y
 
     def init_cache(self, batch_size, max_length: int | None = None, dtype: Any = None) -> None:
-        """Allocate the KV cache ``[batch_size, max_length, K, H]`` for autoregressive decoding.
+        """Allocate the KV cache ``[batch_size, max_length, K, H]`` for autoregressive decoding,
+        its key mask ``cached_key_mask [batch_size, max_length]`` (True = a real token) and the
+        cache index (a scalar 0: every sequence at one position; it becomes int ``[B]`` once a
+        decode call passes ``lengths``, or with ``layer.cache_index.set_value(index [B])``).
 
         Also takes flax's form ``init_cache(input_shape, dtype)`` with ``input_shape = (B,
         max_length, features)`` (or any ``(..., max_length, features)`` whose leading axes
@@ -180,6 +264,8 @@ class MultiHeadAttention(nnx.Module):
         shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        # True where a cached key is a real token (False: not written yet, or padding)
+        self.cached_key_mask = nnx.Cache(jnp.zeros(shape[:2], bool))
         self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
 
     def set_view(self, deterministic: bool | None = None, decode: bool | None = None,
@@ -217,6 +303,8 @@ class MultiHeadAttention(nnx.Module):
         head_weights=None,
         is_causal: bool | None = None,
         sow_weights: bool = False,
+        lengths=None,
+        token_mask=None,
     ):
         """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
 
@@ -233,7 +321,19 @@ class MultiHeadAttention(nnx.Module):
 
         With ``decode=True`` the step's keys/values are appended to the cache at the cache
         index. A step that would run past ``max_length`` raises when the index is concrete;
-        under ``jit`` (traced index) its output, and every later step's, is NaN.
+        under ``jit`` (traced index) its output, and every later step's, is NaN (per sequence
+        when the index is per sequence).
+
+        Ragged batches (decode only). ``lengths`` int ``[B]`` (``0 <= lengths[b] <= T``): only the
+        first ``lengths[b]`` tokens of sequence ``b`` are real (a right-padded prompt block of
+        different lengths, or a step where finished sequences send 0 tokens); they are written
+        at that sequence's own cache index, which advances by ``lengths[b]``, so the cache index
+        becomes int ``[B]`` (a scalar index, shared by every sequence, stays scalar until a call
+        passes ``lengths``). ``token_mask`` bool ``[B, T]``: ``False`` marks padding tokens (e.g.
+        a left-padded prompt); they take their cache slot but stay invisible to every later
+        query. Padded query rows output the output bias (attention output zero). RoPE positions
+        default to each sequence's cache position, so a sequence's outputs equal the causal
+        forward of that sequence alone (left padding: up to RoPE's shift invariance).
         """
         if context is not None:
             if inputs_k is not None or inputs_v is not None:
@@ -246,7 +346,13 @@ class MultiHeadAttention(nnx.Module):
         self_attention = inputs_k is None
         q, k, v = self._project_qkv(inputs_q, inputs_k, inputs_v)
         decode = self.decode if decode is None else decode
-        offset = self._check_decode_step(q.shape[1]) if decode else None
+        if not decode and (lengths is not None or token_mask is not None):
+            raise ValueError("lengths= and token_mask= describe a decode step (decode=True); "
+                             "outside decoding pass a mask (e.g. jaxattn.masks.LengthMask)")
+        if decode:
+            lengths, token_mask = _check_step_padding(q.shape[0], q.shape[1], lengths,
+                                                      token_mask)
+        offset = self._check_decode_step(q.shape[1], lengths) if decode else None
         if self.rope_theta is not None:
             q, k = self._rope(q, k, positions, offset, self_attention)
         mask = self._layer_and_call_mask(mask)
@@ -254,21 +360,26 @@ class MultiHeadAttention(nnx.Module):
         if decode:
             if mask is not None:
                 raise ValueError("decoding supports only the causal mask (got an extra mask)")
-            k, v = self._append_to_cache(k, v, offset)
-            # query i sits at global position offset + i; it sees cached keys j <= offset + i.
-            mask, is_causal = masks_lib.CausalMask(offset=offset), False
+            real = _real_tokens(q.shape[1], lengths, token_mask)
+            k, v, key_mask = self._append_to_cache(k, v, offset, lengths, token_mask)
+            mask, is_causal = _decode_mask(offset, key_mask, real), False
         kwargs = self._attention_kwargs(mask, is_causal, query_segment_ids, kv_segment_ids,
                                         deterministic, rngs)
+        if decode:  # the decode function bounds its work by the live cache length
+            kwargs.pop("implementation", None)
+            kwargs["key_value_seq_lengths"] = jnp.broadcast_to(self.cache_index[...],
+                                                               (q.shape[0],))
         attention_fn = self.decode_attention_fn if decode else self.attention_fn
         out = attention_fn(q, k, v, bias, **kwargs)  # [B, T, N, H]
         if sow_weights:
             self._sow_weights(q, k, bias, kwargs)
         y = self._output(out, head_weights)
-        if decode and isinstance(offset, jax.core.Tracer):
+        if decode and any(isinstance(a, jax.core.Tracer) for a in (offset, lengths)):
             # Under jit the cache position is traced: a step past the cache end cannot raise,
             # and dynamic_update_slice would clamp the write. Poison the output with NaN instead
-            # of returning a silently wrong answer (this and every later step).
-            y = jnp.where(offset + q.shape[1] > self.cached_key.shape[1], jnp.nan, y)
+            # of returning a silently wrong answer (this and every later step; per sequence).
+            end = offset + (q.shape[1] if lengths is None else lengths)
+            y = jnp.where(jnp.reshape(end > self.cached_key.shape[1], (-1, 1, 1)), jnp.nan, y)
         return constrain(y, ("batch", "length", "embed"))
 
     def _sow_weights(self, q, k, bias, kwargs) -> None:
@@ -305,28 +416,44 @@ class MultiHeadAttention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
 
-    def _check_decode_step(self, t: int):
-        """The cache index of a ``t``-token decode step (raises when it cannot fit)."""
+    def _check_decode_step(self, t: int, lengths=None):
+        """The cache index of a ``t``-token decode step: a scalar, or int ``[B]`` when the index
+        is per sequence or ``lengths [B]`` (each sequence's new tokens) is given. Raises when
+        the step cannot fit and the index (and ``lengths``) are concrete."""
         if self.cached_key is None:
             raise ValueError("decode=True needs init_cache(batch_size, max_length) first")
         if not self.is_causal:
             raise ValueError("KV-cache decoding needs is_causal=True")
         offset = self.cache_index[...]
-        max_len = self.cached_key.shape[1]
+        batch, max_len = self.cached_key.shape[:2]
         if t > max_len:
             raise ValueError(f"decode step of {t} tokens exceeds the KV cache length {max_len}")
-        if not isinstance(offset, jax.core.Tracer) and int(offset) + t > max_len:
+        if lengths is not None:
+            offset = jnp.broadcast_to(offset, (batch,))
+        if any(isinstance(a, jax.core.Tracer) for a in (offset, lengths)):
+            return offset  # checked at run time: the output is poisoned with NaN
+        if offset.ndim == 0:
+            if int(offset) + t > max_len:
+                raise ValueError(
+                    f"decode step of {t} tokens at cache position {int(offset)} runs past the "
+                    f"KV cache length {max_len}; init_cache with a larger max_length")
+            return offset
+        end = np.asarray(offset) + (t if lengths is None else np.asarray(lengths))
+        over = np.flatnonzero(end > max_len)
+        if over.size:
             raise ValueError(
-                f"decode step of {t} tokens at cache position {int(offset)} runs past the "
-                f"KV cache length {max_len}; init_cache with a larger max_length")
+                f"decode step of {t} tokens: sequence(s) {over.tolist()} at cache positions "
+                f"{np.asarray(offset)[over].tolist()} would end at {end[over].tolist()}, past "
+                f"the KV cache length {max_len}; init_cache with a larger max_length")
         return offset
 
     def _rope(self, q, k, positions, offset, self_attention: bool):
-        """Rotary embeddings: queries at ``positions`` (default ``offset + arange(T)``), keys at
-        the same positions for self-attention, else at ``arange(S)``."""
+        """Rotary embeddings: queries at ``positions`` (default ``offset + arange(T)``, per
+        sequence when ``offset`` is ``[B]``), keys at the same positions for self-attention,
+        else at ``arange(S)``."""
         b, t = q.shape[:2]
         if positions is None:
-            start = 0 if offset is None else offset
+            start = 0 if offset is None else jnp.reshape(offset, (-1, 1))  # [1 or B, 1]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_pos = positions if self_attention else jnp.broadcast_to(
             jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
@@ -342,16 +469,31 @@ class MultiHeadAttention(nnx.Module):
             return self.mask
         return call_mask if self.mask is None else self.mask & call_mask
 
-    def _append_to_cache(self, k, v, offset):
-        """Write the step's ``k, v`` at ``offset``; return the whole cache ``[B, S_max, K, H]``."""
-        k_all = jax.lax.dynamic_update_slice(
-            self.cached_key[...], k.astype(self.cached_key.dtype), (0, offset, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(
-            self.cached_value[...], v.astype(self.cached_value.dtype), (0, offset, 0, 0))
-        self.cached_key[...] = k_all
-        self.cached_value[...] = v_all
-        self.cache_index[...] = offset + k.shape[1]
-        return k_all.astype(k.dtype), v_all.astype(v.dtype)
+    def _append_to_cache(self, k, v, offset, lengths=None, token_mask=None):
+        """Write the step's ``k, v [B, T, K, H]`` at ``offset`` (scalar or ``[B]``) and advance
+        the index by ``T`` (or ``lengths [B]``: only those tokens are written); ``token_mask
+        [B, T]`` marks which written keys may ever be attended. Returns the whole cache ``k, v
+        [B, S_max, K, H]`` and its key mask ``[B, S_max]`` (True = a real token)."""
+        t = k.shape[1]
+        caches = (self.cached_key, self.cached_value, self.cached_key_mask)
+        real_key = jnp.ones(k.shape[:2], bool) if token_mask is None else token_mask
+        updates = (k.astype(self.cached_key.dtype), v.astype(self.cached_value.dtype), real_key)
+        if jnp.ndim(offset) == 0:  # every sequence at one position: one contiguous write
+            new = [jax.lax.dynamic_update_slice(c[...], u, (0, offset) + (0,) * (u.ndim - 2))
+                   for c, u in zip(caches, updates, strict=True)]
+        else:  # each sequence at its own position; slots past the cache end are dropped
+            batch, max_len = self.cached_key.shape[:2]
+            slots = offset[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
+            if lengths is not None:  # tokens past a sequence's length are not written
+                slots = jnp.where(jnp.arange(t) < lengths[:, None], slots, max_len)
+            rows = jnp.arange(batch)[:, None]
+            new = [c[...].at[rows, slots].set(u, mode="drop")
+                   for c, u in zip(caches, updates, strict=True)]
+        for c, value in zip(caches, new, strict=True):
+            c[...] = value
+        self.cache_index.set_value(offset + (t if lengths is None else lengths))
+        k_all, v_all, key_mask = new
+        return k_all.astype(k.dtype), v_all.astype(v.dtype), key_mask
 
     def _attention_kwargs(self, mask, is_causal, query_segment_ids, kv_segment_ids,
                           deterministic, rngs) -> dict[str, Any]:
@@ -367,11 +509,17 @@ class MultiHeadAttention(nnx.Module):
         if self.implementation is not None:
             kwargs["implementation"] = self.implementation
         deterministic = self.deterministic if deterministic is None else deterministic
+        if self.dropout_rate > 0 and deterministic is None:  # flax's rule
+            raise ValueError(
+                f"dropout_rate={self.dropout_rate} needs deterministic=True/False, given to the "
+                "call, the constructor, or nnx.view / set_view (got None in all of them)")
         if self.dropout_rate > 0 and not deterministic:
             source = rngs if rngs is not None else self.rngs
             if source is None:
-                raise ValueError("dropout needs rngs (constructor or call)")
-            kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=source.dropout())
+                raise ValueError("dropout needs rngs: pass rngs= to the call (the layer keeps "
+                                 "none when built with keep_rngs=False)")
+            key = source() if isinstance(source, nnx.RngStream) else source.dropout()
+            kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=key)
         return kwargs
 
     def _output(self, out, head_weights=None):
@@ -387,6 +535,46 @@ class MultiHeadAttention(nnx.Module):
         if self.use_bias:
             y = y + self.out_bias[...].astype(dtype)
         return y
+
+
+def _check_step_padding(batch: int, t: int, lengths, token_mask):
+    """A decode step's ``lengths`` (int ``[B]`` in ``[0, T]``, as int32) and ``token_mask``
+    (bool ``[B, T]``), checked; either may be None."""
+    if lengths is not None:
+        lengths = lengths if hasattr(lengths, "dtype") else np.asarray(lengths)
+        if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be an int array of shape [B] = ({batch},) (each "
+                             f"sequence's new tokens), got {describe(lengths)}")
+        if not isinstance(lengths, jax.core.Tracer) and (
+                np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > t)):
+            raise ValueError(f"lengths must be in [0, T={t}], got {np.asarray(lengths).tolist()}")
+        lengths = jnp.asarray(lengths, jnp.int32)
+    if token_mask is not None:
+        token_mask = token_mask if hasattr(token_mask, "dtype") else np.asarray(token_mask)
+        if tuple(token_mask.shape) != (batch, t) or token_mask.dtype != jnp.bool_:
+            raise ValueError(f"token_mask must be a bool array of shape [B, T] = ({batch}, {t}) "
+                             f"(True = a real token), got {describe(token_mask)}")
+        token_mask = jnp.asarray(token_mask)
+    return lengths, token_mask
+
+
+def _real_tokens(t: int, lengths, token_mask):
+    """bool ``[B, T]``: the step's real tokens (``t < lengths[b]`` and ``token_mask``), or None
+    when every token is real."""
+    real = None if lengths is None else jnp.arange(t) < lengths[:, None]
+    if token_mask is not None:
+        real = token_mask if real is None else real & token_mask
+    return real
+
+
+def _decode_mask(offset, key_mask, real):
+    """The mask of a decode step: query ``i`` of sequence ``b`` sits at cache position
+    ``offset[b] + i`` and sees the cached keys ``j <= offset[b] + i`` that are real tokens
+    (``key_mask [B, S_max]``); padded query rows (``real [B, T]`` False) see nothing."""
+    mask = masks_lib.CausalMask(offset=offset) & masks_lib.ArrayMask(key_mask[:, None, None, :])
+    if real is not None:
+        mask = mask & masks_lib.ArrayMask(real[:, None, :, None])
+    return mask
 
 
 def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:
@@ -425,7 +613,8 @@ def _make_attention(*, features, num_heads, causal, rngs, num_kv_heads: int | No
     return MultiHeadAttention(
         num_heads, features, num_kv_heads=num_kv_heads, is_causal=causal,
         kernel_init=kernel_init, out_kernel_init=out_init, use_bias=use_bias,
-        dropout_rate=dropout_rate, rope_theta=rope_theta, normalize_qk=normalize_qk,
+        dropout_rate=dropout_rate, broadcast_dropout=False, rope_theta=rope_theta,
+        normalize_qk=normalize_qk,
         logits_soft_cap=logits_soft_cap, use_sinks=use_sinks, implementation=implementation,
         rngs=rngs)
 

@@ -63,7 +63,7 @@ class SigmoidLookupAttention(nnx.Module):
                  init_std: float = 0.02, out_std: float = 0.02, rngs: nnx.Rngs):
         self.gate = normal_linear(dim, 1, rngs, bias=False)
         self.attn = MultiHeadAttention(
-            num_heads, dim, is_causal=False, dropout_rate=dropout,
+            num_heads, dim, is_causal=False, dropout_rate=dropout, broadcast_dropout=False,
             kernel_init=nnx.initializers.normal(init_std),
             out_kernel_init=nnx.initializers.normal(out_std), rngs=rngs)
         self.num_lookups, self.aux_weight, self.causal = num_lookups, aux_weight, causal
