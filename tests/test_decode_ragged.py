@@ -265,3 +265,24 @@ def test_decode_attention_on_an_explicit_mesh_keeps_the_query_sharding():
                 qs, ks, vs, index)
         assert tuple(jax.typeof(out).sharding.spec)[:1] == ("data",)
     assert max_err(out, ref) < F32_ATOL
+
+
+def test_layer_decodes_batch_sharded_steps_on_an_explicit_mesh():
+    """A decode step whose inputs are batch-sharded over an Explicit axis: the (unsharded)
+    cache follows the step's batch sharding, shared-index and ragged steps both equal the full
+    causal forward, and the output keeps the batch sharding."""
+    explicit = jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(explicit,))
+    layer = MultiHeadAttention(4, 16, is_causal=True, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 6, 16))
+    full = layer(x)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        layer.init_cache(2, 8)
+        steps = [layer(xs[:, :3], decode=True), layer(xs[:, 3:4], decode=True)]
+        assert tuple(jax.typeof(steps[-1]).sharding.spec)[:1] == ("data",)
+        assert max_err(jnp.concatenate(steps, axis=1), full[:, :4]) < F32_ATOL
+        layer.init_cache(2, 8)  # ragged: sequence 1 has a 2-token prompt
+        first = np.asarray(layer(xs[:, :3], decode=True, lengths=jnp.array([3, 2], jnp.int32)))
+    assert max_err(first[0], full[0, :3]) < F32_ATOL
+    assert max_err(first[1, :2], full[1, :2]) < F32_ATOL

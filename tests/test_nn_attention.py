@@ -232,3 +232,15 @@ def test_dot_product_attention_is_a_flax_attention_fn():
     with pytest.raises(ValueError, match="precision"):
         jaxattn.dot_product_attention(x[..., None], x[..., None], x[..., None],
                                       precision="highest")
+
+
+@pytest.mark.parametrize("kind", [True, "rms"])
+def test_qk_norm_runs_in_bf16_under_strict_promotion(kind):
+    """The QK norm's f32 scale meets bf16 activations: computed promoted, returned as bf16, and
+    close to the f32 layer (bf16 rounding of the inputs and outputs only)."""
+    layer = MultiHeadAttention(4, 16, is_causal=True, normalize_qk=kind, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    with jax.numpy_dtype_promotion("strict"):
+        low = layer(x.astype(jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    assert max_err(low.astype(jnp.float32), layer(x)) < 0.05

@@ -397,7 +397,7 @@ class MultiHeadAttention(nnx.Module):
         inputs_q = constrain(inputs_q, ("batch", "length", "embed"))
         q = self._project(inputs_q, self.query_kernel, self.query_bias if self.use_bias else None)
         if self.normalize_qk:
-            q = self.query_ln(q)
+            q = _apply_qk_norm(self.query_ln, q)
         return constrain(q, ("batch", "length", "heads", "head_dim"))
 
     def _project_qkv(self, inputs_q, inputs_k, inputs_v):
@@ -411,7 +411,7 @@ class MultiHeadAttention(nnx.Module):
         v = self._project(inputs_v, self.value_kernel,
                           self.value_bias if self.use_bias else None)
         if self.normalize_qk:
-            k = self.key_ln(k)
+            k = _apply_qk_norm(self.key_ln, k)
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, v
@@ -478,19 +478,19 @@ class MultiHeadAttention(nnx.Module):
         caches = (self.cached_key, self.cached_value, self.cached_key_mask)
         real_key = jnp.ones(k.shape[:2], bool) if token_mask is None else token_mask
         updates = (k.astype(self.cached_key.dtype), v.astype(self.cached_value.dtype), real_key)
+        caches_now = _sharded_like(k, [c[...] for c in caches])
+        updates = _sharded_like(k, updates)
         if jnp.ndim(offset) == 0:  # every sequence at one position: one contiguous write
-            new = [jax.lax.dynamic_update_slice(c[...], u, (0, offset) + (0,) * (u.ndim - 2))
-                   for c, u in zip(caches, updates, strict=True)]
+            new = [jax.lax.dynamic_update_slice(c, u, (0, offset) + (0,) * (u.ndim - 2))
+                   for c, u in zip(caches_now, updates, strict=True)]
         else:  # each sequence at its own position; slots past the cache end are dropped
             batch, max_len = self.cached_key.shape[:2]
             slots = offset[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
             if lengths is not None:  # tokens past a sequence's length are not written
                 slots = jnp.where(jnp.arange(t) < lengths[:, None], slots, max_len)
-            rows = jnp.arange(batch)[:, None]
-            new = [c[...].at[rows, slots].set(u, mode="drop")
-                   for c, u in zip(caches, updates, strict=True)]
+            new = _scatter_rows(caches_now, updates, slots, like=k)
         for c, value in zip(caches, new, strict=True):
-            c[...] = value
+            c.set_value(value)  # (may change the cache's sharding type: not an in-place write)
         self.cache_index.set_value(offset + (t if lengths is None else lengths))
         k_all, v_all, key_mask = new
         return k_all.astype(k.dtype), v_all.astype(v.dtype), key_mask
@@ -586,6 +586,48 @@ def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:
     if kind == "rms":
         return nnx.RMSNorm(head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     raise ValueError(f"normalize_qk must be False, True, 'layer' or 'rms', got {kind!r}")
+
+
+def _scatter_rows(caches, updates, slots, *, like):
+    """``caches[b][slots[b, t]] = updates[b][t]`` for every batch row ``b`` (slots past the end
+    are dropped). On Explicit mesh axes (``like``'s type) the scatter runs on Auto axes (its
+    index arrays carry no sharding) and the result keeps the caches' batch sharding."""
+
+    def scatter(caches, updates, slots):
+        rows = jnp.arange(slots.shape[0])[:, None]
+        return [c.at[rows, slots].set(u, mode="drop")
+                for c, u in zip(caches, updates, strict=True)]
+
+    mesh = explicit_mesh_of(like)
+    if mesh is None:
+        return scatter(caches, updates, slots)
+    batch_axis = explicit_spec(like)[0]
+    out = [PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)) for c in caches]
+    return in_auto_axes(scatter, mesh, out, caches, updates, slots)
+
+
+def _sharded_like(step, arrays):
+    """``arrays`` (batch-leading: the caches ``[B, S_max, ...]`` and the step's updates) resharded
+    like the decode step ``step [B, T, ...]`` over its batch axis when ``step`` carries Explicit
+    mesh axes (``init_cache`` allocates the caches unsharded; a write needs equal sharding
+    types). Unchanged otherwise."""
+    mesh = explicit_mesh_of(step)
+    if mesh is None:
+        return arrays
+    batch_axis = explicit_spec(step)[0]
+    return [jax.sharding.reshard(c, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)))) for c in arrays]
+
+
+def _apply_qk_norm(norm: nnx.Module, x):
+    """``norm(x)`` in ``x``'s dtype. A norm without its own ``dtype`` computes in the promotion of
+    ``x`` and its f32 scale (flax's rule; under strict promotion bf16 with f32 has none), so
+    ``x`` is promoted explicitly first and the result cast back."""
+    if norm.dtype is not None:
+        return norm(x)
+    with jax.numpy_dtype_promotion("standard"):  # the promotion flax's layer itself would use
+        wide = jnp.promote_types(x.dtype, norm.param_dtype)
+    return norm(x.astype(wide)).astype(x.dtype)
 
 
 def _contract(subscripts: str, x, w):
