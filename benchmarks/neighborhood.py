@@ -3,6 +3,12 @@
     python benchmarks/neighborhood.py              # all cases, forward only
     python benchmarks/neighborhood.py --grad       # forward + backward
     python benchmarks/neighborhood.py --cases 2d   # substring filter on case names
+    python benchmarks/neighborhood.py --interleaved   # round-robin timing (see below)
+
+Timing: by default each implementation is timed in a block of back-to-back runs (best of
+``--repeats``). ``--interleaved`` instead alternates one run of each implementation per round and
+reports each one's median over the rounds, so every call starts from the cache and allocator
+state the other left behind (closer to a layer inside a model than a tight loop).
 
 Baseline: ``jax.nn.dot_product_attention`` with the dense NA mask ``[L, L]`` (what one would write
 without a neighborhood kernel). "ideal" is the planner's tile-level speed-up (GNA's analytical
@@ -70,7 +76,20 @@ def _with_grad(f):
     return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def run_case(c: Case, grad: bool, repeats: int):
+def _time_interleaved(fns, args, rounds):
+    """Median seconds of each function over ``rounds`` rounds of one call of each, in turn."""
+    for f in fns.values():
+        jax.block_until_ready(f(*args))  # compile + warm up
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def run_case(c: Case, grad: bool, repeats: int, interleaved: bool = False):
     rng = np.random.default_rng(0)
     shape = (1, *c.spatial, c.heads, c.head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
@@ -88,13 +107,14 @@ def run_case(c: Case, grad: bool, repeats: int):
         out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=mask[None, None])
         return out.reshape(q.shape)
 
-    rows = {}
     fns = dict(impls)
     if c.dense:
         fns["dense masked"] = dense
-    for name, f in fns.items():
-        f = _with_grad(f) if grad else f
-        rows[name] = _time(jax.jit(f), q, k, v, repeats=repeats)
+    fns = {name: jax.jit(_with_grad(f) if grad else f) for name, f in fns.items()}
+    if interleaved:
+        rows = _time_interleaved(fns, (q, k, v), rounds=repeats)
+    else:
+        rows = {name: _time(f, q, k, v, repeats=repeats) for name, f in fns.items()}
     plan = planner.plan_speedup(c.spatial, c.kernel_size, stride=c.stride, q_tile=c.tile,
                                 kv_tile=c.tile)
     p = na_ref.normalize_params(c.spatial, c.kernel_size, 1, c.stride, False)
@@ -102,7 +122,9 @@ def run_case(c: Case, grad: bool, repeats: int):
     axes = [planner.plan_axis(c.spatial[i], p.kernel_size[i], 1, p.stride[i], False, xla_tile[i])
             for i in range(len(c.spatial))]
     xla_logits = np.prod([a.num_tiles * a.q_tile * a.halo for a in axes])
-    print(f"\n## {c.name}  (B=1, N={c.heads}, H={c.head_dim}, {'fwd+bwd' if grad else 'fwd'})")
+    timing = "interleaved, median" if interleaved else "blocks, best"
+    print(f"\n## {c.name}  (B=1, N={c.heads}, H={c.head_dim}, {'fwd+bwd' if grad else 'fwd'}, "
+          f"{timing} of {repeats})")
     print(f"planner, {c.tile} tiles: {plan}")
     print(f"xla path: q_tile {xla_tile}, halo {tuple(a.halo for a in axes)}, computes "
           f"{total**2 / xla_logits:.2f}x fewer logits than dense")
@@ -119,13 +141,15 @@ def main():
     ap.add_argument("--grad", action="store_true", help="time forward + backward")
     ap.add_argument("--cases", default="", help="substring filter on case names")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="alternate the implementations run by run (median per implementation)")
     args = ap.parse_args()
     print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
     for c in CASES:
         if c.gpu_only and jax.default_backend() != "gpu":
             continue
         if args.cases in c.name:
-            run_case(c, args.grad, args.repeats)
+            run_case(c, args.grad, args.repeats, args.interleaved)
 
 
 if __name__ == "__main__":
