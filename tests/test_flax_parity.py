@@ -305,3 +305,14 @@ def test_conversions_refuse_what_the_other_side_cannot_do():
         MultiHeadAttention(2, 8, rope_theta=1e4, use_sinks=True, rngs=nnx.Rngs(0)).to_flax()
     fine = MultiHeadAttention(2, 8, implementation="xla_chunked", rngs=nnx.Rngs(0)).to_flax()
     assert isinstance(fine, nnx.MultiHeadAttention)  # a backend choice, not a feature
+
+
+def test_call_takes_every_flax_call_argument_with_flax_kind_and_default():
+    """``__call__``: each of flax's parameters exists here with the same kind and default (ours
+    adds jaxattn's extras after them)."""
+    theirs = inspect.signature(nnx.MultiHeadAttention.__call__).parameters
+    ours = inspect.signature(MultiHeadAttention.__call__).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].kind == p.kind, name
+        assert ours[name].default == p.default, name

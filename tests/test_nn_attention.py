@@ -244,3 +244,26 @@ def test_qk_norm_runs_in_bf16_under_strict_promotion(kind):
         low = layer(x.astype(jnp.bfloat16))
     assert low.dtype == jnp.bfloat16
     assert max_err(low.astype(jnp.float32), layer(x)) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["Explicit", "Auto"])
+def test_flax_out_sharding_and_qkv_sharding_place_the_activations(kind):
+    """flax's per-call ``out_sharding=`` / ``qkv_sharding=``: same values as without them, the
+    output placed as asked (PartitionSpec of the set mesh, or NamedSharding)."""
+    axis_type = getattr(jax.sharding.AxisType, kind)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+    layer = MultiHeadAttention(4, 16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    expect = layer(x)
+    spec = jax.sharding.PartitionSpec("data")
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+        y = jax.jit(lambda x: layer(x, out_sharding=spec, qkv_sharding=spec))(xs)
+        z = layer(xs, out_sharding=jax.sharding.NamedSharding(mesh, spec))
+    for out in (y, z):
+        assert out.sharding.spec[:1] == ("data",)
+        assert max_err(np.asarray(out), expect) < F32_ATOL
+    with pytest.raises(ValueError, match="no mesh is set"):
+        layer(x, out_sharding=spec)
+    with pytest.raises(TypeError, match="out_sharding must be"):
+        layer(x, out_sharding="data")

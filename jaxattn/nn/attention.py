@@ -29,6 +29,7 @@ from jaxattn.ops.attention import attention_weights, dot_product_attention
 from jaxattn.ops.call import describe, float_mask_as_bool
 from jaxattn.ops.decode import decode_attention
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
+from jaxattn.parallel import mesh_axes
 from jaxattn.parallel.logical import constrain
 
 __all__ = ["MultiHeadAttention"]
@@ -301,10 +302,12 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs | None = None,
         decode: bool | None = None,
         head_weights=None,
-        is_causal: bool | None = None,
+        is_causal: bool = False,
         sow_weights: bool = False,
         lengths=None,
         token_mask=None,
+        out_sharding=None,
+        qkv_sharding=None,
     ):
         """``inputs_q [B, T, D]`` -> ``[B, T, out_features]``.
 
@@ -334,6 +337,11 @@ class MultiHeadAttention(nnx.Module):
         query. Padded query rows output the output bias (attention output zero). RoPE positions
         default to each sequence's cache position, so a sequence's outputs equal the causal
         forward of that sequence alone (left padding: up to RoPE's shift invariance).
+
+        ``out_sharding`` / ``qkv_sharding`` (flax's names): a ``PartitionSpec`` (of the current
+        mesh, ``jax.set_mesh``) or ``NamedSharding`` for the output ``[B, T, out_features]`` and
+        for the projected ``q, k, v [B, T|S, N|K, H]``; Explicit axes are resharded, Auto ones
+        constrained.
         """
         if context is not None:
             if inputs_k is not None or inputs_v is not None:
@@ -345,6 +353,8 @@ class MultiHeadAttention(nnx.Module):
             )
         self_attention = inputs_k is None
         q, k, v = self._project_qkv(inputs_q, inputs_k, inputs_v)
+        if qkv_sharding is not None:
+            q, k, v = (_place_as(x, qkv_sharding, "qkv_sharding") for x in (q, k, v))
         decode = self.decode if decode is None else decode
         if not decode and (lengths is not None or token_mask is not None):
             raise ValueError("lengths= and token_mask= describe a decode step (decode=True); "
@@ -380,6 +390,8 @@ class MultiHeadAttention(nnx.Module):
             # of returning a silently wrong answer (this and every later step; per sequence).
             end = offset + (q.shape[1] if lengths is None else lengths)
             y = jnp.where(jnp.reshape(end > self.cached_key.shape[1], (-1, 1, 1)), jnp.nan, y)
+        if out_sharding is not None:
+            return _place_as(y, out_sharding, "out_sharding")
         return constrain(y, ("batch", "length", "embed"))
 
     def _sow_weights(self, q, k, bias, kwargs) -> None:
@@ -586,6 +598,24 @@ def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:
     if kind == "rms":
         return nnx.RMSNorm(head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     raise ValueError(f"normalize_qk must be False, True, 'layer' or 'rms', got {kind!r}")
+
+
+def _place_as(x, sharding, name: str):
+    """``x`` placed as ``sharding`` (a ``NamedSharding``, or a ``PartitionSpec`` of the mesh set
+    with ``jax.set_mesh``) on a mesh of any axis kind (:func:`jaxattn.parallel.mesh_axes.
+    place_like`)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        mesh, spec = sharding.mesh, sharding.spec
+    elif isinstance(sharding, PartitionSpec):
+        mesh, spec = jax.sharding.get_abstract_mesh(), sharding
+        if mesh is None or not mesh.axis_names:
+            raise ValueError(f"{name}={sharding} is a PartitionSpec but no mesh is set; use "
+                             "jax.set_mesh(mesh) or pass a NamedSharding")
+    else:
+        raise TypeError(f"{name} must be a PartitionSpec or NamedSharding, got {sharding!r}")
+    if len(spec) > x.ndim:
+        raise ValueError(f"{name}={spec} has more entries than the array's rank ({x.shape})")
+    return mesh_axes.place_like(x, spec, mesh)
 
 
 def _scatter_rows(caches, updates, slots, *, like):
