@@ -21,12 +21,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from jaxattn import masks as masks_lib
-from jaxattn.nn import flax_interop
+from jaxattn.nn import flax_interop, kv_cache
 from jaxattn.nn import mixer as mixer_lib
 from jaxattn.nn.params import logical_param
 from jaxattn.nn.rope import apply_rope
 from jaxattn.ops.attention import attention_weights, dot_product_attention
-from jaxattn.ops.call import describe, float_mask_as_bool
+from jaxattn.ops.call import float_mask_as_bool
 from jaxattn.ops.decode import decode_attention
 from jaxattn.ops.explicit_axes import explicit_mesh_of, explicit_spec, in_auto_axes
 from jaxattn.parallel import mesh_axes
@@ -360,7 +360,7 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError("lengths= and token_mask= describe a decode step (decode=True); "
                              "outside decoding pass a mask (e.g. jaxattn.masks.LengthMask)")
         if decode:
-            lengths, token_mask = _check_step_padding(q.shape[0], q.shape[1], lengths,
+            lengths, token_mask = kv_cache.check_step_padding(q.shape[0], q.shape[1], lengths,
                                                       token_mask)
         offset = self._check_decode_step(q.shape[1], lengths) if decode else None
         if self.rope_theta is not None:
@@ -370,9 +370,9 @@ class MultiHeadAttention(nnx.Module):
         if decode:
             if mask is not None:
                 raise ValueError("decoding supports only the causal mask (got an extra mask)")
-            real = _real_tokens(q.shape[1], lengths, token_mask)
+            real = kv_cache.real_tokens(q.shape[1], lengths, token_mask)
             k, v, key_mask = self._append_to_cache(k, v, offset, lengths, token_mask)
-            mask, is_causal = _decode_mask(offset, key_mask, real), False
+            mask, is_causal = kv_cache.decode_mask(offset, key_mask, real), False
         kwargs = self._attention_kwargs(mask, is_causal, query_segment_ids, kv_segment_ids,
                                         deterministic, rngs)
         if decode:  # the decode function bounds its work by the live cache length
@@ -490,8 +490,8 @@ class MultiHeadAttention(nnx.Module):
         caches = (self.cached_key, self.cached_value, self.cached_key_mask)
         real_key = jnp.ones(k.shape[:2], bool) if token_mask is None else token_mask
         updates = (k.astype(self.cached_key.dtype), v.astype(self.cached_value.dtype), real_key)
-        caches_now = _sharded_like(k, [c[...] for c in caches])
-        updates = _sharded_like(k, updates)
+        caches_now = kv_cache.sharded_like(k, [c[...] for c in caches])
+        updates = kv_cache.sharded_like(k, updates)
         if jnp.ndim(offset) == 0:  # every sequence at one position: one contiguous write
             new = [jax.lax.dynamic_update_slice(c, u, (0, offset) + (0,) * (u.ndim - 2))
                    for c, u in zip(caches_now, updates, strict=True)]
@@ -500,7 +500,7 @@ class MultiHeadAttention(nnx.Module):
             slots = offset[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
             if lengths is not None:  # tokens past a sequence's length are not written
                 slots = jnp.where(jnp.arange(t) < lengths[:, None], slots, max_len)
-            new = _scatter_rows(caches_now, updates, slots, like=k)
+            new = kv_cache.scatter_rows(caches_now, updates, slots, like=k)
         for c, value in zip(caches, new, strict=True):
             c.set_value(value)  # (may change the cache's sharding type: not an in-place write)
         self.cache_index.set_value(offset + (t if lengths is None else lengths))
@@ -549,46 +549,6 @@ class MultiHeadAttention(nnx.Module):
         return y
 
 
-def _check_step_padding(batch: int, t: int, lengths, token_mask):
-    """A decode step's ``lengths`` (int ``[B]`` in ``[0, T]``, as int32) and ``token_mask``
-    (bool ``[B, T]``), checked; either may be None."""
-    if lengths is not None:
-        lengths = lengths if hasattr(lengths, "dtype") else np.asarray(lengths)
-        if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths must be an int array of shape [B] = ({batch},) (each "
-                             f"sequence's new tokens), got {describe(lengths)}")
-        if not isinstance(lengths, jax.core.Tracer) and (
-                np.any(np.asarray(lengths) < 0) or np.any(np.asarray(lengths) > t)):
-            raise ValueError(f"lengths must be in [0, T={t}], got {np.asarray(lengths).tolist()}")
-        lengths = jnp.asarray(lengths, jnp.int32)
-    if token_mask is not None:
-        token_mask = token_mask if hasattr(token_mask, "dtype") else np.asarray(token_mask)
-        if tuple(token_mask.shape) != (batch, t) or token_mask.dtype != jnp.bool_:
-            raise ValueError(f"token_mask must be a bool array of shape [B, T] = ({batch}, {t}) "
-                             f"(True = a real token), got {describe(token_mask)}")
-        token_mask = jnp.asarray(token_mask)
-    return lengths, token_mask
-
-
-def _real_tokens(t: int, lengths, token_mask):
-    """bool ``[B, T]``: the step's real tokens (``t < lengths[b]`` and ``token_mask``), or None
-    when every token is real."""
-    real = None if lengths is None else jnp.arange(t) < lengths[:, None]
-    if token_mask is not None:
-        real = token_mask if real is None else real & token_mask
-    return real
-
-
-def _decode_mask(offset, key_mask, real):
-    """The mask of a decode step: query ``i`` of sequence ``b`` sits at cache position
-    ``offset[b] + i`` and sees the cached keys ``j <= offset[b] + i`` that are real tokens
-    (``key_mask [B, S_max]``); padded query rows (``real [B, T]`` False) see nothing."""
-    mask = masks_lib.CausalMask(offset=offset) & masks_lib.ArrayMask(key_mask[:, None, None, :])
-    if real is not None:
-        mask = mask & masks_lib.ArrayMask(real[:, None, :, None])
-    return mask
-
-
 def _qk_norm(kind, head_dim: int, dtype, param_dtype, rngs) -> nnx.Module:
     """The per-head query / key norm: ``True`` or ``"layer"`` is flax's (``LayerNorm`` with a
     scale and no bias, ViT-22B's QK norm), ``"rms"`` an ``RMSNorm``."""
@@ -616,37 +576,6 @@ def _place_as(x, sharding, name: str):
     if len(spec) > x.ndim:
         raise ValueError(f"{name}={spec} has more entries than the array's rank ({x.shape})")
     return mesh_axes.place_like(x, spec, mesh)
-
-
-def _scatter_rows(caches, updates, slots, *, like):
-    """``caches[b][slots[b, t]] = updates[b][t]`` for every batch row ``b`` (slots past the end
-    are dropped). On Explicit mesh axes (``like``'s type) the scatter runs on Auto axes (its
-    index arrays carry no sharding) and the result keeps the caches' batch sharding."""
-
-    def scatter(caches, updates, slots):
-        rows = jnp.arange(slots.shape[0])[:, None]
-        return [c.at[rows, slots].set(u, mode="drop")
-                for c, u in zip(caches, updates, strict=True)]
-
-    mesh = explicit_mesh_of(like)
-    if mesh is None:
-        return scatter(caches, updates, slots)
-    batch_axis = explicit_spec(like)[0]
-    out = [PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)) for c in caches]
-    return in_auto_axes(scatter, mesh, out, caches, updates, slots)
-
-
-def _sharded_like(step, arrays):
-    """``arrays`` (batch-leading: the caches ``[B, S_max, ...]`` and the step's updates) resharded
-    like the decode step ``step [B, T, ...]`` over its batch axis when ``step`` carries Explicit
-    mesh axes (``init_cache`` allocates the caches unsharded; a write needs equal sharding
-    types). Unchanged otherwise."""
-    mesh = explicit_mesh_of(step)
-    if mesh is None:
-        return arrays
-    batch_axis = explicit_spec(step)[0]
-    return [jax.sharding.reshard(c, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)))) for c in arrays]
 
 
 def _apply_qk_norm(norm: nnx.Module, x):
