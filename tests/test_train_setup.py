@@ -135,7 +135,7 @@ class Decayed(nnx.Module):
 
 
 def test_matrices_mask_skips_biases_norms_and_embeddings():
-    assert OptimConfig().weight_decay_mask == "all"  # the default is unchanged (see config)
+    assert OptimConfig().weight_decay_mask == "matrices"  # biases, norms, embeddings skipped
     params = nnx.state(Decayed(nnx.Rngs(0)), nnx.Param)
     mask = decay_mask(params, "matrices")
     decayed = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]

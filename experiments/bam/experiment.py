@@ -81,7 +81,8 @@ def default_config() -> ExperimentConfig:
     1500 seed / 1000 branch / 1000 mix steps."""
     return ExperimentConfig(
         model=lm(), data=BAMDataConfig(),
-        optim=OptimConfig(learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
                           schedule="cosine", end_lr_fraction=0.1),
         run=RunConfig(steps=1500, batch_size=32, log_every=100, progress=False),
         sweep=SweepConfig(),

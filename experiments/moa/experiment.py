@@ -151,7 +151,8 @@ def default_config() -> ExperimentConfig:
     sequences; profile at 32 and 64, validate at 128; 3 seeds."""
     return ExperimentConfig(
         model=MoAModelConfig(width=128, layers=4), data=RecallFillerConfig(),
-        optim=OptimConfig(learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
                           schedule="cosine", grad_clip_norm=1.0),
         run=RunConfig(steps=3000, batch_size=32, eval_every=0, log_every=100,
                       progress=False),

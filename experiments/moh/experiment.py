@@ -59,7 +59,8 @@ def vit(variant: str, layers: int = 4) -> ViTConfig:
 def default_config() -> ExperimentConfig:
     return ExperimentConfig(
         model=vit("mha"), data=DigitsDataConfig(),
-        optim=OptimConfig(learning_rate=1e-3, weight_decay=0.05, warmup_steps=100,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=1e-3, weight_decay=0.05, warmup_steps=100,
                           schedule="cosine"),
         run=RunConfig(steps=3000, batch_size=128, eval_every=0, eval_batch_size=360,
                       log_every=100, progress=False),

@@ -45,7 +45,8 @@ def default_config() -> ExperimentConfig:
         model=nat_config(kernel_size=VARIANTS["neighborhood_3x3"], dims=(32, 64), depths=(2, 2),
                          heads=(2, 4)),
         data=DigitsDataConfig(),
-        optim=OptimConfig(learning_rate=3e-3, weight_decay=0.05, warmup_steps=50,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=3e-3, weight_decay=0.05, warmup_steps=50,
                           schedule="cosine"),
         run=RunConfig(steps=1500, batch_size=64, eval_every=0, eval_batch_size=256,
                       log_every=100),

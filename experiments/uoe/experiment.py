@@ -91,7 +91,8 @@ def default_config() -> ExperimentConfig:
     """The spec: 4 layers, D = 128, 8 heads, context 128, 2000 steps, 3 seeds."""
     return ExperimentConfig(
         model=lm("dense"), data=TextDataConfig(),
-        optim=OptimConfig(learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=2e-3, weight_decay=0.1, warmup_steps=100,
                           schedule="cosine", end_lr_fraction=0.1),
         run=RunConfig(steps=2000, batch_size=32, eval_batch_size=64, log_every=100,
                       progress=False),

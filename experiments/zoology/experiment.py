@@ -57,7 +57,8 @@ def default_config() -> ExperimentConfig:
     return ExperimentConfig(
         model=ZoologyModelConfig(),
         data=MQARDataConfig(),
-        optim=OptimConfig(learning_rate=1e-3, weight_decay=0.1, warmup_steps=0,
+        optim=OptimConfig(weight_decay_mask="all",  # as the committed results
+                          learning_rate=1e-3, weight_decay=0.1, warmup_steps=0,
                           schedule="cosine", grad_clip_norm=None),
         run=RunConfig(steps=64 * 100_000 // 512, batch_size=512, eval_every=100_000 // 512,
                       eval_batch_size=500, early_stop_metric="accuracy",
