@@ -5,73 +5,29 @@ both processes (its latest checkpoint corrupted: moved aside once, the previous 
 with the parameters of an uninterrupted two-process run, which equal one process's run on the
 same global batches to f32 rounding."""
 
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import grain
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from multiprocess_launch import load_problem, run_two_workers
 
 from jaxattn.train import train
 from jaxattn.train.data import train_dataset
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "multiprocess", "train_worker.py")
 TIMEOUT_S = 120
-
-
-def _problem():
-    spec = importlib.util.spec_from_file_location(
-        "train_problem", os.path.join(HERE, "multiprocess", "train_problem.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tp = _problem()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+tp = load_problem("train_problem")
 
 
 def _run_workers(out_dir, phase, cache_dir):
-    """Run both processes of ``phase``; ``(return codes, logs)``."""
-    port = _free_port()
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", str(port), str(out_dir), phase],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
-             for i in range(2)]
-    logs = ["", ""]
-    try:
-        for i, p in enumerate(procs):
-            logs[i], _ = p.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for i, p in enumerate(procs):  # never leave a worker behind
-            if p.poll() is None:
-                p.kill()
-                logs[i] = p.communicate()[0] + f"\n(killed after {TIMEOUT_S} s)"
-    text = "\n".join(logs)
-    if "GLOO_UNAVAILABLE" in text:
-        pytest.skip("gloo CPU collectives unavailable: " + text.split("GLOO_UNAVAILABLE")[1]
-                    .splitlines()[0])
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], f"{phase} workers failed (codes {codes}):\n{text[-6000:]}"
+    """Run both processes of ``phase`` (sharing a persistent compilation cache); their results."""
+    cache = dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    run_two_workers("train_worker.py", [out_dir, phase], timeout_s=TIMEOUT_S, env_extra=cache,
+                    label=f"{phase} workers")
     return [dict(np.load(out_dir / f"{phase}_{i}.npz")) for i in range(2)]
 
 
