@@ -243,3 +243,52 @@ def test_centroid_write_under_a_foreign_transform_raises_unless_disabled():
     np.testing.assert_array_equal(np.asarray(fixed.centroids[...]), mu0)
     train_call(mixer, x)  # eager: written
     assert not np.allclose(np.asarray(mixer.centroids[...]), mu0)
+
+
+def test_token_shift_adds_the_previous_token_embedding():
+    """``LMConfig.token_shift`` (used by experiments/routing): the first layer's input at t is
+    ``embed[x_t] + pos[t] + prev_embed[x_(t-1)]``, nothing added at t = 0; off by default."""
+    cfg = LMConfig(vocab_size=11, width=8, max_length=6, num_heads=2, token_shift=True)
+    model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]], jnp.int32)
+    e = np.asarray(model.embed.embedding[...])
+    p = np.asarray(model.pos.embedding[...])
+    e_prev = np.asarray(model.prev_embed.embedding[...])
+    t = np.asarray(tokens)
+    expected = e[t] + p[None, :6]
+    expected[:, 1:] += e_prev[t[:, :-1]]
+    np.testing.assert_allclose(np.asarray(model.embed_inputs(tokens)), expected, rtol=1e-6,
+                               atol=1e-7)
+    # a change of token 2 moves positions 2 and 3 of the input, no other
+    changed = np.asarray(model.embed_inputs(tokens.at[:, 2].set(7))) != expected
+    assert np.array_equal(np.any(changed, axis=(0, 2)), [False, False, True, True, False, False])
+    plain = DecoderLM(dataclasses.replace(cfg, token_shift=False), rngs=nnx.Rngs(0))
+    assert plain.prev_embed is None
+    np.testing.assert_allclose(np.asarray(plain.embed_inputs(tokens)),
+                               np.asarray(plain.embed.embedding[...])[t]
+                               + np.asarray(plain.pos.embedding[...])[None, :6], rtol=1e-6)
+
+
+def test_routing_experiment_main_writes_per_seed_and_mean_rows(tmp_path):
+    """experiments/routing main() on its smoke config, two variants x two seeds (2 steps each):
+    one row per (variant, seed), a mean row per variant, the table and both plots."""
+    import json
+
+    from experiments.routing import experiment as exp
+
+    cfg = exp.smoke_config()
+    cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(
+        cfg.sweep, variants=("local", "routing"), seeds=(0, 1), output_dir=str(tmp_path)))
+    rows = exp.main(cfg)
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("local", 0), ("routing", 0), ("local", 1), ("routing", 1),
+        ("local", "mean"), ("routing", "mean")]
+    routing_rows = [r for r in rows[:4] if r["variant"] == "routing"]
+    assert rows[-1]["far_recall"] == pytest.approx(
+        np.mean([r["far_recall"] for r in routing_rows]), abs=1e-4)
+    assert "coclustering" in rows[-1] and "coclustering" not in rows[-2]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == rows and saved["chance_recall"] == 1.0 / cfg.data.num_values
+    assert (tmp_path / "results.md").exists()
+    assert (tmp_path / "recall_training.png").exists()
+    assert (tmp_path / "routing_training.png").exists()

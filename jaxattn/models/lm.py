@@ -37,6 +37,9 @@ class LMConfig:
     embed_init_std: float = 0.02
     dropout: float = 0.0  # on the embeddings
     causal: bool = True  # False: bidirectional mixers (an encoder over tokens)
+    # True: position t's input also gets a second embedding of token t - 1 (zeros at t = 0),
+    # so one attention layer can match "the token before" (a one-hop induction lookup)
+    token_shift: bool = False
 
 
 class DecoderLM(nnx.Module):
@@ -48,6 +51,8 @@ class DecoderLM(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, d, embedding_init=init, rngs=rngs)
         self.pos = (nnx.Embed(cfg.max_length, d, embedding_init=init, rngs=rngs)
                     if cfg.learned_positions else None)
+        self.prev_embed = (nnx.Embed(cfg.vocab_size, d, embedding_init=init, rngs=rngs)
+                           if cfg.token_shift else None)
         self.norms = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in cfg.mixers])
         self.mixers = nnx.List([
             build_mixer(m, features=d, num_heads=cfg.num_heads, causal=cfg.causal, rngs=rngs)
@@ -69,9 +74,7 @@ class DecoderLM(nnx.Module):
         if tokens.shape[1] > self.max_length:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_length "
                              f"{self.max_length}")
-        x = self.embed(tokens)  # [B, L, D]
-        if self.pos is not None:
-            x = x + self.pos(jnp.arange(tokens.shape[1]))[None].astype(x.dtype)
+        x = self.embed_inputs(tokens)  # [B, L, D]
         if self.dropout is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
         for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
@@ -79,6 +82,18 @@ class DecoderLM(nnx.Module):
             if self.mlps:
                 x = x + self.mlps[i](self.mlp_norms[i](x))
         return self.final_norm(x)
+
+    def embed_inputs(self, tokens: jax.Array) -> jax.Array:
+        """The first layer's input: ``tokens int32 [B, L] -> [B, L, D]``, the token embedding
+        plus the learned position (if any) plus, with ``token_shift``, the previous-token
+        embedding (zeros at position 0)."""
+        x = self.embed(tokens)
+        if self.pos is not None:
+            x = x + self.pos(jnp.arange(tokens.shape[1]))[None].astype(x.dtype)
+        if self.prev_embed is not None:
+            prev = self.prev_embed(tokens[:, :-1]).astype(x.dtype)  # [B, L - 1, D]
+            x = x.at[:, 1:].add(prev)
+        return x
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Output head: ``h [..., D] -> [..., V]`` in float32."""
