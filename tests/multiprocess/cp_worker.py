@@ -12,21 +12,13 @@ single-process computation.
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-
-import jax  # noqa: E402
-
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-except Exception as e:  # noqa: BLE001 - reported to the parent
-    print(f"GLOO_UNAVAILABLE {type(e).__name__}: {e}", flush=True)
-
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import worker_jax  # noqa: E402
+
+jax = worker_jax.start(4)
+
 import cp_problem  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def main():

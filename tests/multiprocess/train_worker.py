@@ -19,27 +19,15 @@ Results go to ``<out_dir>/<phase>_<process_id>.npz`` (final parameters, gathered
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
-# the suite's fast-compile flags (tests/conftest.py exports whether this jaxlib accepts them)
-_FAST = (" --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-         " --xla_cpu_use_fusion_emitters=false")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" + (
-    _FAST if os.environ.get("JAXATTN_TEST_FAST_COMPILE") == "1" else "")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import worker_jax  # noqa: E402
 
-import jax  # noqa: E402
-
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-except Exception as e:  # noqa: BLE001 - reported to the parent
-    print(f"GLOO_UNAVAILABLE {type(e).__name__}: {e}", flush=True)
+jax = worker_jax.start(2, fast_compile=True)
 
 import numpy as np  # noqa: E402
+import train_problem as tp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_problem as tp  # noqa: E402
 
 from jaxattn.train import MeshConfig, batch_sharding, make_mesh, mesh_rules, train  # noqa: E402
 from jaxattn.train.data import global_batch, train_dataset  # noqa: E402
