@@ -206,24 +206,17 @@ class _Tiles:
         return dropout_lib.keep_mask_of(seed, *self.indices(qi, kj), self.st.dropout_rate,
                                         self.q.shape[1] * self.groups)
 
-    def pre_logits(self, qb, kb, qi, kj):
-        """``scale * q k^T + bias`` of a tile, f32 [B, K, R, bk]."""
-        x = jnp.einsum("bkrh,bksh->bkrs", qb, kb, preferred_element_type=jnp.float32)
+    def pre_logits(self, qb, kb, qi, kj, key_major: bool = False):
+        """``scale * q k^T + bias`` of a tile, f32 ``[B, K, R, bk]`` (``key_major``: transposed,
+        ``[B, K, bk, R]``, computed so rather than transposed after)."""
+        subscripts = "bksh,bkrh->bksr" if key_major else "bkrh,bksh->bkrs"
+        a, b = (kb, qb) if key_major else (qb, kb)
+        x = jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
         if self.st.scale != 1.0:
             x = x * self.st.scale
         bt = self.bias_tile(qi, kj)
         if bt is not None:
-            x = x + bt
-        return x
-
-    def pre_logits_t(self, qb, kb, qi, kj):
-        """:meth:`pre_logits` transposed, key-major: f32 ``[B, K, bk, R]``."""
-        x = jnp.einsum("bksh,bkrh->bksr", kb, qb, preferred_element_type=jnp.float32)
-        if self.st.scale != 1.0:
-            x = x * self.st.scale
-        bt = self.bias_tile(qi, kj)
-        if bt is not None:
-            x = x + _swap(bt)
+            x = x + (_swap(bt) if key_major else bt)
         return x
 
     def modded(self, x, qi, kj, mod_args):
@@ -347,7 +340,7 @@ def _backward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, out, lse, do
         # 256 x 512 tiles: 42 vs 93-170 GFLOP/s). Masks, bias and score_mod are evaluated
         # query-major and transposed inside the elementwise fusions.
         qb, kb, vb = tiles.load(qi, kj)
-        pre = tiles.pre_logits_t(qb, kb, qi, kj)  # [B, K, bk, R]
+        pre = tiles.pre_logits(qb, kb, qi, kj, key_major=True)  # [B, K, bk, R]
         if st.score_mod is None:
             x, mod_vjp = pre, None
         else:  # d score / d pre and d score / d args, per tile
