@@ -31,6 +31,7 @@ import numpy as np
 from jaxattn.core import neighborhood as na_ref
 from jaxattn.ops import neighborhood as na_ops
 from jaxattn.ops import neighborhood_planner as planner
+from jaxattn.train.metrics import best_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +57,6 @@ CASES = (
     Case("FLUX-4K 256x256 k=80 s=16 (NATTEN: 10.6 ms)", (256, 256), (80, 80), (16, 16), 24, 128,
          (16, 16), dense=False, gpu_only=True),
 )
-
-
-def _time(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _with_grad(f):
@@ -114,7 +105,7 @@ def run_case(c: Case, grad: bool, repeats: int, interleaved: bool = False):
     if interleaved:
         rows = _time_interleaved(fns, (q, k, v), rounds=repeats)
     else:
-        rows = {name: _time(f, q, k, v, repeats=repeats) for name, f in fns.items()}
+        rows = {name: best_seconds(f, q, k, v, repeats=repeats) for name, f in fns.items()}
     plan = planner.plan_speedup(c.spatial, c.kernel_size, stride=c.stride, q_tile=c.tile,
                                 kv_tile=c.tile)
     p = na_ref.normalize_params(c.spatial, c.kernel_size, 1, c.stride, False)

@@ -92,7 +92,7 @@ def _pad_axis(x, axis, size):
     return jnp.pad(x, pad)
 
 
-def _slice_axis(x, axis, start, size):
+def slice_axis(x, axis, start, size):
     """Tile of ``x`` along ``axis`` (a broadcast axis of size 1 is left alone)."""
     if x.shape[axis] == 1:
         return x
@@ -173,8 +173,8 @@ class _Tiles:
         if self.bias is None:
             return None
         p = self.st.plan
-        t = _slice_axis(self.bias, 2, qi * p.block_q, p.block_q)
-        t = _slice_axis(t, 3, kj * p.block_kv, p.block_kv)
+        t = slice_axis(self.bias, 2, qi * p.block_q, p.block_q)
+        t = slice_axis(t, 3, kj * p.block_kv, p.block_kv)
         return _head_tile_to_rows(t.astype(jnp.float32), self.kv_heads, self.groups, p.block_q)
 
     def allowed(self, qi, kj):
@@ -270,10 +270,7 @@ def _forward(st: _Static, q, k, v, bias, sinks, mask_leaves, seed, mod_args=()):
         _, s = tiles.logits(qb, kb, qi, kj)
         if masked:
             s = jnp.where(tiles.allowed(qi, kj), s, -jnp.inf)
-        m_new = jnp.maximum(m_r, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha = jnp.exp(m_r - m_safe)
-        pr = jnp.exp(s - m_safe[..., None])  # [B, K, R, bk]
+        m_new, alpha, pr = sm.online_softmax_step(m_r, s)  # pr: [B, K, R, bk]
         l_new = alpha * l_r + jnp.sum(pr, axis=-1)
         if st.dropout_rate > 0:  # the normaliser l keeps every entry; only P V is dropped
             pr = jnp.where(tiles.dropout(seed, qi, kj), pr * (1.0 / (1.0 - st.dropout_rate)), 0.0)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattn.core import softmax as sm
+from jaxattn.core.chunked import slice_axis
 
 __all__ = ["DEFAULT_DECODE_BLOCK_KV", "DecodeResult", "decode_attention_tiles",
            "live_tile_count"]
@@ -59,14 +60,6 @@ def _per_head_tile(x, kv_heads: int, groups: int):
     if n == 1:
         return x.reshape(b, 1, 1, t, s)
     return x.reshape(b, kv_heads, groups, t, s)
-
-
-def _bias_tile(bias, start, block: int):
-    """Keys ``start .. start + block`` of a bias ``[b, n, t, S|1]`` (a broadcast key axis is
-    kept)."""
-    if bias.shape[-1] == 1:
-        return bias
-    return jax.lax.dynamic_slice_in_dim(bias, start, block, axis=3)
 
 
 def decode_attention_tiles(query, key, value, *, num_live=None, bias=None, mask=None,
@@ -110,7 +103,7 @@ def decode_attention_tiles(query, key, value, *, num_live=None, bias=None, mask=
         k_tile = jax.lax.dynamic_slice_in_dim(key, start, block, axis=1).astype(jnp.float32)
         logits = jnp.einsum("btkgh,bskh->bkgts", q, k_tile) * scale
         if bias is not None:
-            bias_tile = _bias_tile(bias, start, block).astype(jnp.float32)
+            bias_tile = slice_axis(bias, 3, start, block).astype(jnp.float32)  # [b, n, t, bk|1]
             logits = logits + _per_head_tile(bias_tile, kv_heads, groups)
         logits = sm.soft_cap(logits, logits_soft_cap)
         kv_idx = start + jnp.arange(block, dtype=jnp.int32)
@@ -124,10 +117,7 @@ def decode_attention_tiles(query, key, value, *, num_live=None, bias=None, mask=
         nominal_start = i * block
         start = jnp.minimum(nominal_start, s - block)  # the last tile ends at S (no padding)
         logits = tile_logits(nominal_start, start)
-        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: no NaN
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(logits - m_safe[..., None])
+        m_new, alpha, p = sm.online_softmax_step(m, logits)
         v_tile = jax.lax.dynamic_slice_in_dim(value, start, block, axis=1)
         pv = jnp.einsum("bkgts,bskh->bkgth", p, v_tile.astype(jnp.float32))
         l = alpha * l + jnp.sum(p, axis=-1)

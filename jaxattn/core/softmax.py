@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-__all__ = ["soft_cap", "soft_cap_grad", "safe_max", "safe_log", "merge_partials"]
+__all__ = ["soft_cap", "soft_cap_grad", "safe_max", "safe_log", "merge_partials",
+           "online_softmax_step"]
 
 
 def soft_cap(logits, cap: float | None):
@@ -36,6 +37,17 @@ def safe_log(x):
     """``log(x)`` with ``-inf`` at ``x == 0`` and a zero (not NaN/inf) gradient there."""
     pos = x > 0
     return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), -jnp.inf)
+
+
+def online_softmax_step(m, logits):
+    """One tile of the online softmax (FlashAttention): the running max ``m [...]`` and a tile's
+    ``logits [..., bk]`` -> ``(m_new, alpha, p)``: the new running max, the factor ``exp(m -
+    m_new)`` that rescales the carried sum and accumulator, and the tile's unnormalised
+    probabilities ``exp(logits - m_new)``. Rows masked so far (``m_new = -inf``) give
+    ``alpha = p = 0``, never NaN."""
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    return m_new, jnp.exp(m - m_safe), jnp.exp(logits - m_safe[..., None])
 
 
 def merge_partials(outs, lses):

@@ -69,8 +69,7 @@ def scatter_rows(caches, updates, slots, *, like):
     mesh = explicit_mesh_of(like)
     if mesh is None:
         return scatter(caches, updates, slots)
-    batch_axis = explicit_spec(like)[0]
-    out = [PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)) for c in caches]
+    out = [_batch_spec(like, c.ndim) for c in caches]
     return in_auto_axes(scatter, mesh, out, caches, updates, slots)
 
 
@@ -82,6 +81,10 @@ def sharded_like(step, arrays):
     mesh = explicit_mesh_of(step)
     if mesh is None:
         return arrays
-    batch_axis = explicit_spec(step)[0]
-    return [jax.sharding.reshard(c, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(batch_axis, *(None,) * (c.ndim - 1)))) for c in arrays]
+    return [jax.sharding.reshard(c, jax.sharding.NamedSharding(mesh, _batch_spec(step, c.ndim)))
+            for c in arrays]
+
+
+def _batch_spec(like, ndim: int) -> PartitionSpec:
+    """A rank-``ndim`` spec sharded like ``like``'s (Explicit) batch axis, replicated elsewhere."""
+    return PartitionSpec(explicit_spec(like)[0], *(None,) * (ndim - 1))
