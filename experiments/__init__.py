@@ -3,7 +3,8 @@
 Run one with ``python -m experiments <name> [--quick] [--override key=value ...]``; list them
 with ``python -m experiments --list``. Each registered module provides ``NAME``,
 ``DESCRIPTION``, ``default_config()``, ``quick_config()``, ``smoke_config()`` (a tiny config
-for tests), ``build_task(cfg) -> jaxattn.train.Task`` and ``main(cfg)``.
+for tests), ``build_task(cfg) -> jaxattn.train.Task`` and ``main(cfg)``; optionally
+``medium_config()`` (a longer CPU preset, ``--medium``).
 """
 
 from __future__ import annotations

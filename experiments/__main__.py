@@ -1,4 +1,5 @@
-"""Command line: ``python -m experiments <name> [--quick] [--override key=value ...] [--list]``
+"""Command line: ``python -m experiments <name> [--quick | --medium] [--override key=value ...]
+[--list]`` (``--medium``: a longer CPU preset, where an experiment defines ``medium_config``)
 (``--print-config`` prints the resolved config).
 
 Results go to a fresh run directory ``runs/<name>/<timestamp>/`` (git-ignored) unless
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("name", nargs="?", help="experiment name (see --list)")
     parser.add_argument("--list", action="store_true", help="list registered experiments")
-    parser.add_argument("--quick", action="store_true", help="the small CPU preset")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="the small CPU preset")
+    preset.add_argument("--medium", action="store_true",
+                        help="a longer CPU preset, for experiments that define one")
     parser.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field, e.g. optim.learning_rate=3e-3 (repeatable; "
                              "several may follow one --override)", nargs="+")
@@ -39,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:12s} {get(name).DESCRIPTION}")
         return 0 if args.list else 2
     module = get(args.name)
-    cfg = module.quick_config() if args.quick else module.default_config()
+    if args.medium and not hasattr(module, "medium_config"):
+        print(f"error: experiment {args.name!r} has no --medium preset", file=sys.stderr)
+        return 2
+    cfg = (module.quick_config() if args.quick else
+           module.medium_config() if args.medium else module.default_config())
     overrides = [item for group in args.override for item in group]
     try:
         cfg = apply_overrides(cfg, overrides)

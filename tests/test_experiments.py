@@ -112,3 +112,9 @@ def test_cli_results_go_to_a_run_directory_unless_published(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["sweep"]["output_dir"] == str(tmp_path)
     assert cli(["zoology", "--quick", "--print-config", "--publish"]) == 0
     assert json.loads(capsys.readouterr().out)["sweep"]["output_dir"] == str(HERE / "results")
+    assert cli(["zoology", "--medium", "--print-config", "--publish"]) == 0
+    medium = json.loads(capsys.readouterr().out)
+    assert medium["sweep"]["output_dir"] == str(HERE / "results" / "medium")
+    assert medium["run"]["steps"] == 6000 and medium["data"]["vocab_size"] == 256
+    assert cli(["routing", "--medium", "--print-config"]) == 2  # no medium preset there
+    assert "no --medium preset" in capsys.readouterr().err

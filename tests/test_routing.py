@@ -287,8 +287,26 @@ def test_routing_experiment_main_writes_per_seed_and_mean_rows(tmp_path):
     assert rows[-1]["far_recall"] == pytest.approx(
         np.mean([r["far_recall"] for r in routing_rows]), abs=1e-4)
     assert "coclustering" in rows[-1] and "coclustering" not in rows[-2]
+    assert 0.0 <= rows[-1]["parity_split"] <= 1.0 and "parity_split" not in rows[-2]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == rows and saved["chance_recall"] == 1.0 / cfg.data.num_values
     assert (tmp_path / "results.md").exists()
     assert (tmp_path / "recall_training.png").exists()
     assert (tmp_path / "routing_training.png").exists()
+
+
+def test_parity_split_measures_key_value_separation():
+    """experiments/routing's cluster statistic: clusters of only even (key) or only odd (value)
+    positions give 1, clusters mixing both equally give 0, and a half-and-half mix of the two
+    kinds of cluster gives 0.5."""
+    from experiments.routing.experiment import parity_split
+
+    pos = np.arange(8)
+    only_keys, only_values = pos % 2 == 0, pos % 2 == 1
+    mixed = np.isin(pos, [0, 1, 2, 3])
+    member = np.stack([only_keys, only_values])[None, None]  # [1, 1, 2, 8]
+    assert float(parity_split(jnp.asarray(member))[0]) == 1.0
+    member = np.stack([mixed, ~mixed])[None, None]
+    assert float(parity_split(jnp.asarray(member))[0]) == 0.0
+    member = np.stack([only_keys, mixed])[None, None]
+    assert float(parity_split(jnp.asarray(member))[0]) == 0.5

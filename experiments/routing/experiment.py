@@ -276,10 +276,22 @@ def routing_stats(model: DecoderLM, batch, labelled) -> dict[str, jax.Array]:
     frac = jnp.mean(jax.nn.one_hot(assign, c, dtype=jnp.float32), axis=1)  # [B, N, C]
     ent = -jnp.sum(jnp.where(frac > 0, frac * jnp.log(jnp.maximum(frac, 1e-12)), 0.0), -1)
     covered = jnp.any(member, axis=(1, 2))  # [B, L]
+    split = parity_split(member)
     return {"coclust_hits": jnp.sum(shared.astype(jnp.float32), -1),
             "coclust_count": jnp.sum(labelled.astype(jnp.float32), -1),
-            "entropy": jnp.mean(ent, -1) / np.log(c),
+            "entropy": jnp.mean(ent, -1) / np.log(c), "parity_split": split,
             "coverage": jnp.mean(covered.astype(jnp.float32), -1)}
+
+
+def parity_split(member: jax.Array) -> jax.Array:
+    """How strictly the balanced clusters separate key positions (even) from value positions
+    (odd): ``member [B, N, C, L]`` (bool, position in cluster) -> ``[B]``, the mean over heads
+    and clusters of ``|2 * (share of even positions) - 1|``. 1 when every cluster holds only
+    keys or only values, 0 when each holds as many of both; a uniformly random cluster of ``w``
+    positions gives about ``0.8 / sqrt(w)``."""
+    even = jnp.arange(member.shape[-1]) % 2 == 0
+    share = jnp.sum(member & even, -1) / jnp.maximum(jnp.sum(member, -1), 1)  # [B, N, C]
+    return jnp.mean(jnp.abs(2.0 * share - 1.0), axis=(1, 2))
 
 
 def _ratio(m: dict[str, float], name: str) -> float:
@@ -302,7 +314,8 @@ def _variant_row(variant: str, seed: int, res) -> dict[str, Any]:
            "steps": res.step, "seconds": round(res.seconds, 1)}
     if variant == "routing":
         row.update(coclustering=round(_ratio(e, "coclust"), 4),
-                   entropy=round(e["entropy"], 4), coverage=round(e["coverage"], 4))
+                   entropy=round(e["entropy"], 4), coverage=round(e["coverage"], 4),
+                   parity_split=round(e["parity_split"], 4))
     return row
 
 
@@ -348,6 +361,8 @@ def main(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                     steps, [_ratio(h, "coclust") for h in evals])
                 routing_curves[f"entropy / log C, seed {seed}"] = (
                     steps, [h["entropy"] for h in evals])
+                routing_curves[f"key/value split of clusters, seed {seed}"] = (
+                    steps, [h["parity_split"] for h in evals])
             print(json.dumps(row), flush=True)
             rows.append(row)
     total = time.time() - t0
@@ -360,7 +375,8 @@ def main(cfg: ExperimentConfig) -> list[dict[str, Any]]:
          "seconds": total}, indent=1))
     table = format_table([{k: r.get(k, "-") for k in
                            ("variant", "seed", "far_recall", "near_recall", "train_ce",
-                            "coclustering", "entropy", "coverage", "steps", "seconds")}
+                            "coclustering", "entropy", "coverage", "parity_split", "steps",
+                            "seconds")}
                           for r in rows])
     (out / "results.md").write_text(
         table + f"\n\nchance recall 1/{cfg.data.num_values} = {1 / cfg.data.num_values:.4f}; "
