@@ -109,7 +109,7 @@ def medium_config() -> ExperimentConfig:
     quick preset's models, data and optimiser, but 6,000 steps (early stop at 0.99, evaluated
     every 500) for BaseConv at D = 64 and 128 at L = 32 (K = 2) and D = 128 at L = 64 (K = 4),
     against attention at D = 32 at both lengths. 1,000 steps (the quick preset) leave BaseConv
-    at ~0.70 at L = 32 for every width; 6,000 steps at D = 128 reached 0.962 in a probe.
+    at ~0.70 at L = 32 for D = 64 to 256; 6,000 steps at D = 128 reached 0.962 in a probe.
     Writes ``results/medium/`` with ``--publish``."""
     cfg = quick_config()
     return dataclasses.replace(
